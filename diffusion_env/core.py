@@ -1,0 +1,242 @@
+"""The batched denoising MDP: one implementation that the single and the vector environment view.
+
+State: latents x_t ``(N, C, H, W)``, the step index k (shared: every episode of a batch has the
+same length, so all N environments are always at the same step), the prompts, their metadata and
+their embeddings. Transition: deterministic, x_{t-1} is the action. Reward: 0 on every step but
+the last, where the final latents are decoded and the reward function is called once for the
+whole batch. Everything stays in torch on the core's device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from gymnasium import spaces
+
+from diffusion_env.models import DenoiserBackend, make_denoiser
+from diffusion_env.prompts import PromptSet, make_prompt_set
+from diffusion_env.rewards import Reward, RewardFn, make_reward
+from diffusion_env.transition import GaussianTransition
+
+
+class EpisodeStateError(RuntimeError):
+    """``step`` was called before ``reset`` or after the episode ended."""
+
+
+@dataclass(frozen=True)
+class CoreStepResult:
+    """What one batched transition produced.
+
+    Attributes:
+        rewards: ``(N,)`` float32 on the core's device (zeros before the last step).
+        terminated: whether this step was the last denoising step.
+        images: on the last step, the decoded final images ``(N, H, W, 3)`` uint8; else None.
+        reward_details: on the last step, the reward's per-sample details; else empty.
+    """
+
+    rewards: torch.Tensor
+    terminated: bool
+    images: torch.Tensor | None = None
+    reward_details: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class DenoisingCore:
+    """The batched denoising MDP over ``num_envs`` episodes in lockstep.
+
+    Args:
+        num_envs: batch size N.
+        model: a registered model name or a :class:`~diffusion_env.models.DenoiserBackend`.
+        reward: a registered reward name or a callable ``(images, prompts, metadata) -> rewards``.
+        prompts: a registered prompt-set name, a list of prompts or a ``PromptSet``.
+        num_inference_steps: denoising steps K per episode.
+        eta: DDIM's eta in (0, 1] (ignored by nothing: DDPM schedulers require 1.0).
+        guidance_scale: classifier-free guidance weight (>= 0) used for the rendered x0-prediction
+            and by policies built from the environment; None takes the model's default.
+        device: where the model and the state live (default: the model's device).
+        dtype: the model's and the latents' dtype (default: the model's dtype).
+        latent_bound: actions and observed latents lie in [-latent_bound, latent_bound].
+    """
+
+    def __init__(
+        self,
+        num_envs: int,
+        model: str | DenoiserBackend,
+        reward: str | RewardFn | Reward,
+        prompts: str | list[str] | PromptSet,
+        num_inference_steps: int,
+        eta: float,
+        guidance_scale: float | None,
+        device: torch.device | str | None,
+        dtype: torch.dtype | None,
+        latent_bound: float,
+    ) -> None:
+        if isinstance(num_envs, bool) or not isinstance(num_envs, int) or num_envs < 1:
+            raise ValueError(f"num_envs must be a positive int, got {num_envs!r}")
+        latent_bound = float(latent_bound)
+        if not math.isfinite(latent_bound) or latent_bound <= 0:
+            raise ValueError(f"latent_bound must be a finite number > 0, got {latent_bound}")
+        # Cheap checks first, so that a bad name fails before a model is built.
+        self.reward = make_reward(reward)
+        self.prompt_set = make_prompt_set(prompts)
+        self.backend = make_denoiser(model, device=device, dtype=dtype)
+        self.transition = GaussianTransition(
+            self.backend.scheduler, num_inference_steps, eta=eta, device=self.backend.device
+        )
+        guidance_scale = self.backend.default_guidance_scale if guidance_scale is None else float(guidance_scale)
+        if not math.isfinite(guidance_scale) or guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}")
+        self.guidance_scale = guidance_scale
+        self.num_envs = num_envs
+        self.latent_bound = latent_bound
+        self.num_steps = num_inference_steps
+        self.generator = torch.Generator(device=self.device)
+
+        self.step_index = -1  # -1: not reset yet; num_steps: episode over
+        self.latents: torch.Tensor | None = None
+        self.prompts: list[str] = []
+        self.metadata: list[dict[str, Any]] = []
+        self.prompt_embeds: torch.Tensor | None = None
+
+    # ---------------------------------------------------------------- description
+
+    @property
+    def device(self) -> torch.device:
+        return self.backend.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.backend.dtype
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return tuple(self.backend.latent_shape)
+
+    def single_observation_space(self) -> spaces.Dict:
+        """The observation space of one environment (float32 numpy arrays)."""
+        max_timestep = self.backend.scheduler.config.num_train_timesteps - 1
+        return spaces.Dict(
+            {
+                "latent": spaces.Box(-self.latent_bound, self.latent_bound, self.latent_shape, np.float32),
+                "timestep": spaces.Box(-1.0, float(max_timestep), (1,), np.float32),
+                "prompt_embedding": spaces.Box(
+                    -np.inf, np.inf, tuple(self.backend.prompt_embedding_shape), np.float32
+                ),
+            }
+        )
+
+    def single_action_space(self) -> spaces.Box:
+        """The action space of one environment: the next latent, in finite bounds."""
+        return spaces.Box(-self.latent_bound, self.latent_bound, self.latent_shape, np.float32)
+
+    # ---------------------------------------------------------------- state
+
+    @property
+    def episode_over(self) -> bool:
+        return self.step_index == self.num_steps
+
+    def timesteps(self) -> torch.Tensor:
+        """Scheduler timestep of the current latents ``(N,)`` long; -1 once the episode is over."""
+        if self.episode_over:
+            return torch.full((self.num_envs,), -1, dtype=torch.long, device=self.device)
+        return self.transition.timesteps[self.step_index].expand(self.num_envs)
+
+    def step_indices(self) -> torch.Tensor:
+        """The step index k of every episode ``(N,)`` long, as the transition's tables are indexed."""
+        return torch.full((self.num_envs,), self.step_index, dtype=torch.long, device=self.device)
+
+    def observation(self) -> dict[str, torch.Tensor]:
+        """The current observation as tensors on the device (latents in the core's dtype)."""
+        self._require_reset()
+        return {
+            "latent": self.latents,
+            "timestep": self.timesteps().to(torch.float32)[:, None],
+            "prompt_embedding": self.prompt_embeds,
+        }
+
+    def reset(self, rng: np.random.Generator) -> None:
+        """Starts N new episodes: prompts drawn from ``rng``, x_T ~ N(0, I) from a generator seeded by it."""
+        prompts, metadata = self.prompt_set.sample(self.num_envs, rng)
+        prompt_embeds = self.backend.encode_prompts(prompts)
+        self.generator.manual_seed(int(rng.integers(2**63)))
+        # DDIM/DDPM start from pure noise scaled by the scheduler's init_noise_sigma (1 for both).
+        latents = torch.randn(
+            (self.num_envs, *self.latent_shape), generator=self.generator, device=self.device, dtype=self.dtype
+        ) * self.backend.scheduler.init_noise_sigma
+        self.prompts, self.metadata, self.prompt_embeds, self.latents = prompts, metadata, prompt_embeds, latents
+        self.step_index = 0
+
+    def _require_reset(self) -> None:
+        if self.step_index < 0:
+            raise EpisodeStateError("the environment has not been reset; call reset() before step() or render()")
+
+    def check_action(self, action: torch.Tensor) -> torch.Tensor:
+        """Validates a batched action ``(N, C, H, W)``; returns a private copy in the core's dtype.
+
+        Raises:
+            TypeError: for a non-floating dtype.
+            ValueError: for a wrong shape, a wrong device, NaN/inf or values out of bounds.
+        """
+        expected = (self.num_envs, *self.latent_shape)
+        if not isinstance(action, torch.Tensor):
+            raise TypeError(f"action must be a torch.Tensor here, got {type(action).__name__}")
+        if not action.is_floating_point():
+            raise TypeError(
+                f"action has dtype {action.dtype}; allowed: a floating-point latent (float32 numpy, "
+                f"or a float torch tensor)"
+            )
+        if tuple(action.shape) != expected:
+            raise ValueError(f"action has shape {tuple(action.shape)}; allowed: {expected}")
+        if action.device != self.device:
+            raise ValueError(f"action is on {action.device}; allowed: the environment's device {self.device}")
+        # One reduction answers all three questions (NaN compares False), so a valid step syncs once.
+        if not bool((action.abs() <= self.latent_bound).all()):
+            if not bool(torch.isfinite(action).all()):
+                raise ValueError("action contains NaN or inf; allowed: finite latent values")
+            raise ValueError(
+                f"action has values up to {float(action.abs().max()):g} in magnitude; allowed: "
+                f"[-{self.latent_bound:g}, {self.latent_bound:g}] (the action space's bounds)"
+            )
+        return action.to(self.dtype, copy=True)
+
+    def step(self, action: torch.Tensor) -> CoreStepResult:
+        """Takes x_{t-1} = action. On the last step, decodes it and pays the reward.
+
+        The state changes only once everything has succeeded: a rejected action or a reward that
+        raises leaves the latents, the step index and the prompts as they were.
+
+        Raises:
+            EpisodeStateError: before ``reset`` or after the last step.
+            TypeError, ValueError: for a bad action (see :meth:`check_action`).
+            RewardError: if the reward function fails.
+        """
+        self._require_reset()
+        if self.episode_over:
+            raise EpisodeStateError(
+                f"the episode ended after {self.num_steps} steps; call reset() to start a new one"
+            )
+        next_latents = self.check_action(action)
+        terminated = self.step_index + 1 == self.num_steps
+        if terminated:
+            images = self.backend.decode(next_latents)
+            result = self.reward(images, self.prompts, self.metadata)
+            outcome = CoreStepResult(result.rewards, True, images, result.details)
+        else:
+            outcome = CoreStepResult(torch.zeros(self.num_envs, device=self.device), False)
+        self.latents = next_latents
+        self.step_index += 1
+        return outcome
+
+    @torch.no_grad()
+    def predicted_clean_images(self) -> torch.Tensor:
+        """Decoded x0-prediction of the current latents ``(N, H, W, 3)`` uint8 (the final images at the end)."""
+        self._require_reset()
+        if self.episode_over:
+            return self.backend.decode(self.latents)
+        step_index = self.step_indices()
+        output = self.backend.predict(self.latents, self.timesteps(), self.prompt_embeds, self.guidance_scale)
+        _, x0 = self.transition.predicted_noise_and_sample(self.latents, output, step_index)
+        return self.backend.decode(x0)

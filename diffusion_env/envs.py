@@ -1,0 +1,312 @@
+"""``DiffusionDenoise-v0``: the single environment and its native vector environment.
+
+Both are thin views of one :class:`~diffusion_env.core.DenoisingCore`; the single environment is
+the core with a batch of one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+
+from diffusion_env.core import DenoisingCore
+from diffusion_env.models import DenoiserBackend
+from diffusion_env.prompts import PromptSet
+from diffusion_env.rewards import Reward, RewardFn
+
+ArrayType = Literal["numpy", "torch"]
+
+DEFAULT_MODEL = "tiny-random"
+DEFAULT_REWARD = "jpeg_compressibility"
+DEFAULT_PROMPTS = "scenes_train"
+
+
+def _numpy_action(action: Any, space: gym.spaces.Box, core: DenoisingCore) -> torch.Tensor:
+    """Turns a numpy action of ``space`` into a tensor on the core's device, or says what is wrong."""
+    if not isinstance(action, np.ndarray):
+        raise TypeError(
+            f"action must be a numpy array of dtype {space.dtype} and shape {space.shape}, got "
+            f"{type(action).__name__} (pass array_type='torch' to the vector env to step with tensors)"
+        )
+    if action.dtype != space.dtype:
+        raise TypeError(f"action has dtype {action.dtype}; allowed: {space.dtype} (the action space's dtype)")
+    if action.shape != space.shape:
+        raise ValueError(f"action has shape {action.shape}; allowed: {space.shape}")
+    return torch.from_numpy(action).to(core.device)
+
+
+def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().to(torch.float32 if tensor.is_floating_point() else tensor.dtype).cpu().numpy()
+
+
+class DiffusionDenoiseEnv(gym.Env):
+    """The sampling loop of a text-to-image diffusion model as a Markov decision process.
+
+    ## Description
+
+    An episode is the generation of one image: it starts from pure noise x_T ~ N(0, I) and a prompt
+    c drawn from a prompt set; at each of K steps the agent chooses the next, less noisy latent
+    x_{t-1}; after the last step the latent is decoded into an image and scored by a reward
+    function (Black et al., 2023, "Training Diffusion Models with Reinforcement Learning", Sec. 4.1).
+    The pretrained model's own sampler is one policy of this MDP; build it with
+    ``agents.GaussianDenoisingPolicy.from_env(env)``.
+
+    ## Action Space
+
+    ``Box(-latent_bound, latent_bound, (C, H, W), float32)``: the next latent x_{t-1}. Actions of
+    another shape or dtype, containing NaN or inf, or outside the bounds are refused with an
+    exception and leave the state unchanged.
+
+    ## Observation Space
+
+    ``Dict`` of float32 arrays:
+
+    - ``"latent"``: ``(C, H, W)``, the current latent x_t.
+    - ``"timestep"``: ``(1,)``, the scheduler timestep t the denoiser is conditioned on at this
+      step, from about ``num_train_timesteps`` down to the last denoising timestep; -1 in the
+      terminal observation, where no step remains.
+    - ``"prompt_embedding"``: ``(L, D)``, the prompt encoder's token embeddings.
+
+    Stable-Baselines3's ``check_env`` warns that the latent looks like an image that is not uint8
+    and that the action space is not in [-1, 1]: both are intended. SB3's default CNN and MLP
+    policies do not fit this action; use a diffusion policy (``agents``), not a flattened latent.
+
+    ## Rewards
+
+    0 on every step but the last; on the last, the reward function's score of the decoded image
+    (default ``jpeg_compressibility``: minus the JPEG size in kB at quality 95).
+
+    ## Starting State
+
+    x_T ~ N(0, I) from the environment's seeded generator, and a prompt drawn uniformly from the
+    prompt set.
+
+    ## Episode End
+
+    ``terminated=True`` after ``num_inference_steps`` steps. There is no truncation.
+
+    ## Info
+
+    ``"prompt"`` at every step; on the last step also ``"image"`` (the decoded image, uint8
+    ``(H, W, 3)``) and ``"reward_details"`` (the reward's per-image figures).
+
+    ## Arguments
+
+    - ``model``: a registered model name or a ``DenoiserBackend`` (default ``"tiny-random"``).
+    - ``reward``: a registered reward name or a callable ``(images, prompts, metadata) -> rewards``.
+    - ``prompts``: a prompt-set name, a list of prompts or a ``PromptSet``.
+    - ``num_inference_steps``: K (default 20).
+    - ``eta``: DDIM's eta in (0, 1] (default 1.0, as in DDPO).
+    - ``guidance_scale``: classifier-free guidance weight for the model's policy and the rendered
+      prediction (default: the model's own).
+    - ``device``, ``dtype``: where and in what precision the model runs.
+    - ``latent_bound``: bound of the action and latent boxes (default 100).
+    - ``render_mode``: ``"rgb_array"`` renders the decoded x0-prediction of the current latent.
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 4}
+
+    def __init__(
+        self,
+        model: str | DenoiserBackend = DEFAULT_MODEL,
+        reward: str | RewardFn | Reward = DEFAULT_REWARD,
+        prompts: str | list[str] | PromptSet = DEFAULT_PROMPTS,
+        num_inference_steps: int = 20,
+        eta: float = 1.0,
+        guidance_scale: float | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        latent_bound: float = 100.0,
+        render_mode: str | None = None,
+    ) -> None:
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode={render_mode!r}; allowed: {self.metadata['render_modes']} or None")
+        self.core = DenoisingCore(
+            1, model, reward, prompts, num_inference_steps, eta, guidance_scale, device, dtype, latent_bound
+        )
+        self.render_mode = render_mode
+        self.observation_space = self.core.single_observation_space()
+        self.action_space = self.core.single_action_space()
+        self._prompt_embedding: np.ndarray | None = None
+
+    def _observation(self) -> dict[str, np.ndarray]:
+        observation = self.core.observation()
+        return {
+            "latent": _to_numpy(observation["latent"][0]),
+            "timestep": _to_numpy(observation["timestep"][0]),
+            # A fresh array per call: users keep observations, and Gymnasium's checker requires it.
+            "prompt_embedding": self._prompt_embedding.copy(),
+        }
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        super().reset(seed=seed)
+        self.core.reset(self.np_random)
+        # The embedding is fixed for the episode: convert it once, not at every step.
+        self._prompt_embedding = _to_numpy(self.core.prompt_embeds[0])
+        return self._observation(), {"prompt": self.core.prompts[0]}
+
+    def step(
+        self, action: np.ndarray
+    ) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
+        self.core._require_reset()
+        result = self.core.step(_numpy_action(action, self.action_space, self.core)[None])
+        info: dict[str, Any] = {"prompt": self.core.prompts[0]}
+        if result.terminated:
+            info["image"] = result.images[0].cpu().numpy()
+            info["reward_details"] = {k: v[0] for k, v in result.reward_details.items()}
+        return self._observation(), float(result.rewards[0]), result.terminated, False, info
+
+    def render(self) -> np.ndarray | None:
+        if self.render_mode is None:
+            gym.logger.warn("render() was called without a render_mode; pass render_mode='rgb_array'")
+            return None
+        return self.core.predicted_clean_images()[0].cpu().numpy()
+
+
+class DiffusionDenoiseVectorEnv(VectorEnv):
+    """N denoising episodes stepped as one batch on the device: ``gym.make_vec("DiffusionDenoise-v0", num_envs=N)``.
+
+    Same MDP, spaces (batched) and arguments as :class:`DiffusionDenoiseEnv`, plus:
+
+    - ``num_envs``: N.
+    - ``autoreset_mode``: ``AutoresetMode.NEXT_STEP`` (default; the step after the last one
+      resets every environment, ignores the action and returns reward 0) or
+      ``AutoresetMode.SAME_STEP`` (the last step returns the new episodes' first observation, with
+      the terminal one in ``info["final_obs"]`` and its info in ``info["final_info"]``).
+    - ``array_type``: ``"numpy"`` (default) or ``"torch"``: actions, observations, rewards and
+      flags are then torch tensors on the environment's device, with no copy to the host.
+
+    All N episodes share the step index, so they end together. One seeded generator draws the
+    whole batch: ``reset(seed=s)`` with N = 1 reproduces the single environment's ``reset(seed=s)``.
+    Infos are dicts of length-N arrays with Gymnasium's ``"_key"`` masks.
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 4, "autoreset_mode": AutoresetMode.NEXT_STEP}
+
+    def __init__(
+        self,
+        num_envs: int = 1,
+        model: str | DenoiserBackend = DEFAULT_MODEL,
+        reward: str | RewardFn | Reward = DEFAULT_REWARD,
+        prompts: str | list[str] | PromptSet = DEFAULT_PROMPTS,
+        num_inference_steps: int = 20,
+        eta: float = 1.0,
+        guidance_scale: float | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        latent_bound: float = 100.0,
+        render_mode: str | None = None,
+        autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
+        array_type: ArrayType = "numpy",
+    ) -> None:
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode={render_mode!r}; allowed: {self.metadata['render_modes']} or None")
+        allowed_modes = (AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP)
+        try:
+            autoreset_mode = AutoresetMode(autoreset_mode)
+        except ValueError:
+            autoreset_mode = None
+        if autoreset_mode not in allowed_modes:
+            raise ValueError(f"autoreset_mode must be one of {[m.value for m in allowed_modes]}")
+        if array_type not in ("numpy", "torch"):
+            raise ValueError(f"array_type={array_type!r}; allowed: 'numpy' or 'torch'")
+        self.core = DenoisingCore(
+            num_envs, model, reward, prompts, num_inference_steps, eta, guidance_scale, device, dtype, latent_bound
+        )
+        self.num_envs = num_envs
+        self.render_mode = render_mode
+        self.array_type: ArrayType = array_type
+        self.metadata = {**self.metadata, "autoreset_mode": autoreset_mode}
+        self.single_observation_space = self.core.single_observation_space()
+        self.single_action_space = self.core.single_action_space()
+        self.observation_space = batch_space(self.single_observation_space, num_envs)
+        self.action_space = batch_space(self.single_action_space, num_envs)
+        self._prompt_embedding: np.ndarray | None = None
+        self._autoreset_pending = False
+
+    @property
+    def autoreset_mode(self) -> AutoresetMode:
+        return self.metadata["autoreset_mode"]
+
+    def _output(self, tensor: torch.Tensor) -> np.ndarray | torch.Tensor:
+        return tensor if self.array_type == "torch" else _to_numpy(tensor)
+
+    def _observation(self) -> dict[str, np.ndarray | torch.Tensor]:
+        observation = self.core.observation()
+        return {
+            "latent": self._output(observation["latent"]),
+            "timestep": self._output(observation["timestep"]),
+            "prompt_embedding": (
+                self._prompt_embedding.copy() if self.array_type == "numpy" else observation["prompt_embedding"]
+            ),
+        }
+
+    def _info(self, result: Any = None) -> dict[str, Any]:
+        mask = np.ones(self.num_envs, dtype=bool)
+        info: dict[str, Any] = {"prompt": np.array(self.core.prompts, dtype=object), "_prompt": mask}
+        if result is not None and result.terminated:
+            info["image"], info["_image"] = self._output(result.images), mask
+            info["reward_details"] = dict(result.reward_details)
+            info["reward_details"].update({f"_{k}": mask for k in result.reward_details})
+            info["_reward_details"] = mask
+        return info
+
+    def _reset_core(self) -> None:
+        self.core.reset(self.np_random)
+        self._prompt_embedding = _to_numpy(self.core.prompt_embeds)
+        self._autoreset_pending = False
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        super().reset(seed=seed)
+        self._reset_core()
+        return self._observation(), self._info()
+
+    def _action_tensor(self, actions: Any) -> torch.Tensor:
+        if self.array_type == "torch":
+            return actions
+        return _numpy_action(actions, self.action_space, self.core)
+
+    def step(self, actions: Any) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
+        self.core._require_reset()
+        flags = torch.zeros(self.num_envs, dtype=torch.bool, device=self.core.device)
+        if self._autoreset_pending:
+            # NEXT_STEP: this step only starts the new episodes; the action is ignored.
+            self._reset_core()
+            rewards = torch.zeros(self.num_envs, device=self.core.device)
+            return self._observation(), self._output(rewards), self._output(flags), self._output(flags), self._info()
+
+        result = self.core.step(self._action_tensor(actions))
+        terminated = flags | result.terminated
+        info = self._info(result)
+        if result.terminated and self.autoreset_mode == AutoresetMode.SAME_STEP:
+            final_obs = self._observation()
+            done = np.ones(self.num_envs, dtype=bool)
+            self._reset_core()
+            info = {
+                **self._info(),
+                "final_obs": np.array(
+                    [{key: value[i] for key, value in final_obs.items()} for i in range(self.num_envs)],
+                    dtype=object,
+                ),
+                "_final_obs": done,
+                "final_info": info,
+                "_final_info": done,
+            }
+        elif result.terminated:
+            self._autoreset_pending = True
+        return self._observation(), self._output(result.rewards), self._output(terminated), self._output(flags), info
+
+    def render(self) -> tuple[np.ndarray, ...] | None:
+        if self.render_mode is None:
+            gym.logger.warn("render() was called without a render_mode; pass render_mode='rgb_array'")
+            return None
+        return tuple(self.core.predicted_clean_images().cpu().numpy())
