@@ -23,6 +23,9 @@ from diffusion_env.rewards import Reward, RewardFn, make_reward
 from diffusion_env.transition import GaussianTransition
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 class EpisodeStateError(RuntimeError):
     """``step`` was called before ``reset`` or after the episode ended."""
 
@@ -122,8 +125,10 @@ class DenoisingCore:
             {
                 "latent": spaces.Box(-self.latent_bound, self.latent_bound, self.latent_shape, np.float32),
                 "timestep": spaces.Box(-1.0, float(max_timestep), (1,), np.float32),
+                # Any finite float32: encoder states have no natural bound, and infinite bounds
+                # would make the space claim to hold inf.
                 "prompt_embedding": spaces.Box(
-                    -np.inf, np.inf, tuple(self.backend.prompt_embedding_shape), np.float32
+                    -_FLOAT32_MAX, _FLOAT32_MAX, tuple(self.backend.prompt_embedding_shape), np.float32
                 ),
             }
         )

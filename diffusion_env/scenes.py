@@ -562,8 +562,8 @@ def _component_features(ys: np.ndarray, xs: np.ndarray) -> tuple[float, float, f
     * corner: share of the box's corner regions ``|u| + |v| > 1.5`` (in box
       coordinates u, v in [-1, 1]) that is filled (square 1, circle 0 since
       the circle never leaves ``|u| + |v| <= sqrt(2)``, triangle about 0.45
-      from its two base corners once rasterised).  It separates small circles from squares,
-      whose fill ratios are close once rasterised to a few pixels.
+      from its two base corners once rasterised).  It separates small
+      circles from squares, whose fill ratios are close at a few pixels.
     """
     y0, x0 = ys.min(), xs.min()
     h = ys.max() - y0 + 1
@@ -580,6 +580,8 @@ def _component_features(ys: np.ndarray, xs: np.ndarray) -> tuple[float, float, f
     box = np.zeros((h, w), dtype=bool)
     box[ys - y0, xs - x0] = True
     n_corner = np.count_nonzero(corner_region)
+    # A box one pixel thin has no pixel centre in the corner regions; the
+    # fill ratio is then the only evidence of how "boxy" it is.
     corner = np.count_nonzero(box & corner_region) / n_corner if n_corner else fill
     return fill, top, corner
 
@@ -645,15 +647,18 @@ def parse_scene(image: np.ndarray) -> ParsedScene:
     1. Background: every pixel of the outermost ring is snapped to its
        nearest palette colour and the most frequent one wins (a shape touching
        the border cannot outvote the rest of the ring).
-    2. Foreground: pixels farther than half the smallest palette distance
-       from the median *observed* colour of those border pixels, so a
-       slightly-off background tint is not mistaken for foreground.
-    3. Count: 8-connected foreground components of at least 0.8% of the image
-       (smaller ones are specks).
-    4. Colour: nearest palette colour of the per-channel median of all
-       kept foreground pixels.
+    2. Detection: pixels farther than half the smallest palette distance
+       from the median *observed* colour of those border pixels (so a
+       slightly-off background tint is not foreground), grouped into
+       8-connected components of at least 0.8% of the image (smaller ones
+       are specks).
+    3. Colour: nearest palette colour of the per-channel median of the
+       quarter of detected pixels farthest from the background.
+    4. Segmentation and count: pixels past the midpoint between observed
+       background and shape colour, components filtered as in step 2.
     5. Shape and size: per component from its bounding box (see
-       ``_component_features``), majority vote over components.
+       ``_component_features``), majority vote over components (ties go to
+       the larger total area).
 
     Args:
         image: ``uint8`` RGB array of shape ``(H, W, 3)``, H, W >= 8.
@@ -677,14 +682,16 @@ def parse_scene(image: np.ndarray) -> ParsedScene:
 
     distance = np.sqrt(((pixels - bg_observed) ** 2).sum(axis=-1))
     min_area = max(3, int(round(_MIN_COMPONENT_FRACTION * h * w)))
-    detected = [c for c in _label_components(distance > _FOREGROUND_THRESHOLD) if c.size >= min_area]
+    detected = [
+        c for c in _label_components(distance > _FOREGROUND_THRESHOLD) if c.size >= min_area
+    ]
     background = COLOR_NAMES[bg_index]
     if not detected:
         return ParsedScene(background=background, color=None, shape=None, count=0, size=None)
 
-    # Shape colour from the farther-from-background half of the detected
-    # pixels: soft (blurred) edges mix in background and would drag a plain
-    # median towards another palette colour.
+    # Shape colour from the quarter of detected pixels farthest from the
+    # background: soft (blurred) edges mix in background and would drag a
+    # plain median towards another palette colour.
     flat_pixels = pixels.reshape(-1, 3)
     det_flat = np.concatenate(detected)
     det_dist = distance.ravel()[det_flat]
@@ -699,7 +706,7 @@ def parse_scene(image: np.ndarray) -> ParsedScene:
     t = ((pixels - bg_observed) @ axis) / max(float(axis @ axis), 1e-6)
     components = [c for c in _label_components(t > 0.5) if c.size >= min_area]
     if not components:
-        return ParsedScene(background=background, color=color, shape=None, count=0, size=None)
+        return ParsedScene(background=background, color=None, shape=None, count=0, size=None)
 
     shapes: list[str] = []
     sizes: list[str] = []

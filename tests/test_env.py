@@ -1,0 +1,187 @@
+"""DiffusionDenoise-v0 as a Gymnasium environment: checkers, seeding, the vector env and its modes."""
+
+import warnings
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium.utils.env_checker import check_env
+from gymnasium.vector import AutoresetMode
+
+from agents import GaussianDenoisingPolicy
+from diffusion_env import DiffusionDenoiseEnv, DiffusionDenoiseVectorEnv
+from tests.conftest import NUM_STEPS
+
+
+def rollout(env, policy, seed, noise_seed=0):
+    """Observations, rewards and infos of one episode with the policy and seeded noise."""
+    generator = torch.Generator().manual_seed(noise_seed)
+    obs, info = env.reset(seed=seed)
+    trajectory = [(obs, np.zeros(env.unwrapped.core.num_envs, dtype=np.float32), info)]
+    done = False
+    while not done:
+        with torch.no_grad():
+            action = policy.sample(obs, generator=generator).numpy()
+        batched = np.ndim(obs["latent"]) == 4
+        obs, reward, terminated, truncated, info = env.step(action if batched else action[0])
+        trajectory.append((obs, np.atleast_1d(reward), info))
+        done = bool(np.all(terminated))
+    return trajectory
+
+
+def test_gymnasium_check_env_passes_without_warnings(make_env):
+    env = make_env(render_mode="rgb_array")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_env(env.unwrapped)
+
+
+def test_stable_baselines3_check_env_passes(make_env):
+    from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
+    env = make_env()
+    with warnings.catch_warnings():
+        # SB3 warns about the image-like float latent and the non-[-1, 1] action box; both intended.
+        warnings.simplefilter("ignore", UserWarning)
+        sb3_check_env(env.unwrapped, warn=True)
+
+
+def test_spaces_and_episode_structure(make_env):
+    env = make_env()
+    obs, info = env.reset(seed=0)
+    assert obs in env.observation_space
+    assert set(obs) == {"latent", "timestep", "prompt_embedding"}
+    assert all(v.dtype == np.float32 for v in obs.values())
+    assert info["prompt"] in ("a red circle on a blue background", "two green squares")
+    assert np.isfinite(env.action_space.low).all() and np.isfinite(env.action_space.high).all()
+    timesteps = [float(obs["timestep"][0])]
+    for k in range(NUM_STEPS):
+        obs, reward, terminated, truncated, info = env.step(env.action_space.sample() * 0.01)
+        timesteps.append(float(obs["timestep"][0]))
+        assert terminated == (k == NUM_STEPS - 1) and not truncated
+        assert obs in env.observation_space
+        if not terminated:
+            assert reward == 0.0 and "image" not in info
+    assert info["image"].dtype == np.uint8 and info["image"].shape == (16, 16, 3)
+    assert reward == pytest.approx(-float(info["reward_details"]["jpeg_kb"]))
+    core = env.unwrapped.core
+    assert timesteps == [float(t) for t in core.transition.timesteps] + [-1.0]
+
+
+def test_reset_with_a_seed_is_deterministic(make_env):
+    env = make_env()
+    policy = GaussianDenoisingPolicy.from_env(env)
+    first = rollout(env, policy, seed=42)
+    second = rollout(env, policy, seed=42)
+    other = rollout(env, policy, seed=43)
+    for (obs_a, r_a, _), (obs_b, r_b, _) in zip(first, second):
+        np.testing.assert_array_equal(obs_a["latent"], obs_b["latent"])
+        np.testing.assert_array_equal(r_a, r_b)
+    assert not np.array_equal(first[0][0]["latent"], other[0][0]["latent"])
+
+
+def test_single_env_equals_make_vec_with_one_env(make_env, make_vec_env):
+    single = make_env()
+    vector = make_vec_env(num_envs=1)
+    single_run = rollout(single, GaussianDenoisingPolicy.from_env(single), seed=7)
+    vector_run = rollout(vector, GaussianDenoisingPolicy.from_env(vector), seed=7)
+    assert len(single_run) == len(vector_run) == NUM_STEPS + 1
+    for (obs_s, r_s, info_s), (obs_v, r_v, info_v) in zip(single_run, vector_run):
+        for key in obs_s:
+            np.testing.assert_allclose(obs_s[key], obs_v[key][0], rtol=1e-6, atol=1e-6)
+        assert r_s[0] == pytest.approx(float(r_v[0]))
+        assert info_s["prompt"] == info_v["prompt"][0]
+    np.testing.assert_array_equal(single_run[-1][2]["image"], vector_run[-1][2]["image"][0])
+
+
+def test_make_vec_resolves_to_the_native_vector_env(make_vec_env):
+    env = make_vec_env(num_envs=3)
+    assert isinstance(env.unwrapped, DiffusionDenoiseVectorEnv)
+    assert isinstance(env.unwrapped, gym.vector.VectorEnv)
+    assert env.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP
+    assert env.single_action_space.shape == (3, 16, 16)
+    assert env.action_space.shape == (3, 3, 16, 16)
+    obs, info = env.reset(seed=0)
+    assert obs in env.observation_space
+    assert info["prompt"].shape == (3,) and info["_prompt"].all()
+
+
+def test_next_step_autoreset_starts_new_episodes_on_the_step_after_the_last(make_vec_env):
+    env = make_vec_env(num_envs=2)
+    policy = GaussianDenoisingPolicy.from_env(env)
+    obs, _ = env.reset(seed=0)
+    for _ in range(NUM_STEPS):
+        obs, rewards, terminated, truncated, info = env.step(policy.predict(obs))
+    assert terminated.all() and (rewards < 0).all() and info["image"].shape == (2, 16, 16, 3)
+    assert info["_image"].all() and info["reward_details"]["jpeg_kb"].shape == (2,)
+    obs, rewards, terminated, truncated, info = env.step(env.action_space.sample())
+    assert not terminated.any() and (rewards == 0).all()
+    assert float(obs["timestep"][0, 0]) == float(env.unwrapped.core.transition.timesteps[0])
+
+
+def test_same_step_autoreset_returns_the_final_observation_in_info(make_vec_env):
+    env = make_vec_env(num_envs=2, autoreset_mode=AutoresetMode.SAME_STEP)
+    assert env.metadata["autoreset_mode"] == AutoresetMode.SAME_STEP
+    policy = GaussianDenoisingPolicy.from_env(env)
+    obs, _ = env.reset(seed=0)
+    for _ in range(NUM_STEPS):
+        action = policy.predict(obs)
+        obs, rewards, terminated, truncated, info = env.step(action)
+    assert terminated.all()
+    first_timestep = float(env.unwrapped.core.transition.timesteps[0])
+    assert (obs["timestep"][:, 0] == first_timestep).all()
+    np.testing.assert_array_equal(info["final_obs"][1]["latent"], action[1])
+    assert info["final_obs"][0]["timestep"][0] == -1.0
+    assert info["final_info"]["image"].shape == (2, 16, 16, 3) and info["_final_obs"].all()
+
+
+def test_torch_array_type_keeps_everything_on_the_device(make_vec_env):
+    env = make_vec_env(num_envs=2, array_type="torch")
+    policy = GaussianDenoisingPolicy.from_env(env)
+    obs, _ = env.reset(seed=0)
+    assert all(isinstance(v, torch.Tensor) and v.device == env.unwrapped.core.device for v in obs.values())
+    for _ in range(NUM_STEPS):
+        with torch.no_grad():
+            obs, rewards, terminated, truncated, info = env.step(policy.sample(obs))
+    assert isinstance(rewards, torch.Tensor) and rewards.shape == (2,) and rewards.dtype == torch.float32
+    assert isinstance(terminated, torch.Tensor) and bool(terminated.all())
+    assert isinstance(info["image"], torch.Tensor) and info["image"].dtype == torch.uint8
+
+
+def test_numpy_and_torch_vector_envs_agree(make_vec_env):
+    numpy_env = make_vec_env(num_envs=2)
+    torch_env = make_vec_env(num_envs=2, array_type="torch")
+    numpy_run = rollout(numpy_env, GaussianDenoisingPolicy.from_env(numpy_env), seed=11)
+    torch_obs, _ = torch_env.reset(seed=11)
+    np.testing.assert_array_equal(numpy_run[0][0]["latent"], torch_obs["latent"].numpy())
+
+
+def test_render_shows_the_decoded_x0_prediction(make_env):
+    env = make_env(render_mode="rgb_array")
+    obs, _ = env.reset(seed=0)
+    frame = env.render()
+    assert frame.dtype == np.uint8 and frame.shape == (16, 16, 3)
+    core = env.unwrapped.core
+    with torch.no_grad():
+        latents = torch.from_numpy(obs["latent"])[None]
+        eps = core.backend.unet(latents, core.transition.timesteps[0], encoder_hidden_states=core.prompt_embeds).sample
+    alpha = core.backend.scheduler.alphas_cumprod[int(core.transition.timesteps[0])]
+    x0 = ((latents - (1 - alpha).sqrt() * eps) / alpha.sqrt()).clamp(-1, 1)  # clip_sample=True
+    expected = ((x0 / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)[0].numpy()
+    np.testing.assert_array_equal(frame, expected)
+
+
+def test_direct_construction_matches_the_registered_defaults():
+    env = DiffusionDenoiseEnv(num_inference_steps=3)
+    obs, info = env.reset(seed=0)
+    assert obs["latent"].shape == (3, 16, 16)
+    assert env.unwrapped.core.reward.name == "jpeg_compressibility"
+
+
+def test_gym_make_with_no_arguments_runs_offline():
+    env = gym.make("DiffusionDenoise-v0")
+    obs, info = env.reset(seed=0)
+    assert obs in env.observation_space and isinstance(info["prompt"], str)
+    obs, reward, terminated, truncated, info = env.step(np.zeros_like(obs["latent"]))
+    assert reward == 0.0 and not terminated
