@@ -6,10 +6,11 @@ a fixed, tiny grammar of captions such as::
 
     "a small red circle on a blue background"
     "two large yellow squares on a black background"
+    "three small green triangles on an orange background"
 
-and it reads images back into the same attributes with :func:`parse_scene`, so
-that what a text-to-image diffusion model draws can be scored against the
-prompt it was given (see :func:`attribute_agreement`).
+and it reads images back into the same attributes (plus the size word) with
+:func:`parse_scene`, so that what a text-to-image diffusion model draws can be
+scored against the prompt it was given (see :func:`attribute_agreement`).
 
 Vocabulary
 ----------
@@ -106,7 +107,9 @@ COUNT_WORDS: dict[int, str] = {1: "a", 2: "two", 3: "three"}
 #: Side length (bounding-box width = height) in pixels of the 32 px reference
 #: canvas, sampled uniformly per scene.  "large" stops at 13 px because three
 #: 13 px shapes with 2 px gaps and 1 px margins are the most a 32 px canvas
-#: holds with room left for random placement.
+#: holds with room left for random placement.  These are nominal boxes: the
+#: apex of a triangle or the rim of a circle can miss every pixel centre, so
+#: those rasterise up to one pixel narrower.
 SIZE_RANGES_PX: dict[str, tuple[float, float]] = {
     "small": (6.0, 8.0),
     "large": (12.0, 13.0),
@@ -324,6 +327,11 @@ def sample_scene(
     )
 
 
+def _is_int(value: Any) -> bool:
+    """True for Python and numpy integers, but not for bools (an int subclass)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def _shape_mask(
     shape: str, cx: float, cy: float, r: float, x: np.ndarray, y: np.ndarray
 ) -> np.ndarray:
@@ -355,7 +363,7 @@ def render_scene(scene: Scene, size: int = REFERENCE_SIZE) -> np.ndarray:
     """
     if not isinstance(scene, Scene):
         raise ValueError(f"scene must be a Scene, got {type(scene).__name__}")
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 16:
+    if not _is_int(size) or size < 16:
         raise ValueError(f"size must be an integer >= 16, got {size!r}")
     coords = (np.arange(size, dtype=np.float64) + 0.5) / size
     x, y = np.meshgrid(coords, coords)
@@ -404,7 +412,7 @@ def sample_training_batch(
         ``(images, captions, scenes)`` with images ``uint8`` of shape
         ``(batch_size, size, size, 3)``.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+    if not _is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     scenes = [sample_scene(rng) for _ in range(batch_size)]
     images = np.stack([render_scene(s, size) for s in scenes])
@@ -494,8 +502,8 @@ _FOREGROUND_THRESHOLD: float = 0.5 * min(
 #: stray pixels of a diffusion sample).  0.008 * 32 * 32 = 8 px, well below
 #: the ~18 px of the smallest rendered triangle.
 _MIN_COMPONENT_FRACTION: float = 0.008
-#: Bounding-box side (reference px) separating "small" (<= 8) from "large"
-#: (>= 12).
+#: Bounding-box side (reference px) separating "small" (rasterised 5-8 px)
+#: from "large" (11-13 px).
 _SIZE_THRESHOLD_PX: float = 10.0
 _MIN_PARSE_SIZE: int = 8
 
