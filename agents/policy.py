@@ -107,6 +107,23 @@ class GaussianDenoisingPolicy(nn.Module):
         mean = self._mean(latents, timesteps, step_index, prompt_embeds)
         return self.transition.log_prob(action, mean, step_index)
 
+    def sample_with_log_prob(
+        self,
+        observation: Observation,
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """An action x_{t-1} = mu + sigma_t z and its exact log-likelihood ``(B,)``, from one network call.
+
+        z ~ N(0, I) is drawn from ``generator``, or is the given ``noise``.
+        """
+        latents, timesteps, step_index, prompt_embeds = self._inputs(observation)
+        mean = self._mean(latents, timesteps, step_index, prompt_embeds)
+        if noise is None:
+            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        action = mean + self.transition.std(step_index, mean) * noise.to(mean.device, mean.dtype)
+        return action, self.transition.log_prob(action, mean, step_index)
+
     def sample(
         self,
         observation: Observation,
@@ -114,11 +131,7 @@ class GaussianDenoisingPolicy(nn.Module):
         noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x_{t-1} = mu + sigma_t z with z ~ N(0, I) from ``generator``, or the given ``noise``."""
-        latents, timesteps, step_index, prompt_embeds = self._inputs(observation)
-        mean = self._mean(latents, timesteps, step_index, prompt_embeds)
-        if noise is None:
-            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        return mean + self.transition.std(step_index, mean) * noise.to(mean.device, mean.dtype)
+        return self.sample_with_log_prob(observation, generator, noise)[0]
 
     @torch.no_grad()
     def predict(self, observation: Observation, deterministic: bool = False) -> np.ndarray:

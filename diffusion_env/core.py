@@ -197,8 +197,10 @@ class DenoisingCore:
             raise ValueError(f"action has shape {tuple(action.shape)}; allowed: {expected}")
         if action.device != self.device:
             raise ValueError(f"action is on {action.device}; allowed: the environment's device {self.device}")
-        # One reduction answers all three questions (NaN compares False), so a valid step syncs once.
-        if not bool((action.abs() <= self.latent_bound).all()):
+        # One fused min/max pass answers all three questions (NaN propagates and compares False),
+        # so a valid step costs one reduction and one sync.
+        low, high = torch.aminmax(action)
+        if not bool((low >= -self.latent_bound) & (high <= self.latent_bound)):
             if not bool(torch.isfinite(action).all()):
                 raise ValueError("action contains NaN or inf; allowed: finite latent values")
             raise ValueError(

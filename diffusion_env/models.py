@@ -165,7 +165,7 @@ def tiny_random_denoiser(sample_size: int = 16, seed: int = 0) -> PixelUNetDenoi
     Its samples are noise, but every code path (guidance, scheduling, decoding, training) is the
     real one; tests and benchmarks of the machinery run on it in seconds on a CPU.
     """
-    prompt_encoder = TransformerPromptEncoder(max_length=8)
+    prompt_encoder = TransformerPromptEncoder(max_length=16)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(

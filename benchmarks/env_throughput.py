@@ -1,0 +1,167 @@
+"""Throughput and memory of the vector environment against a bare diffusers sampling loop.
+
+Both paths run the same UNet, batch size, number of steps and DDIM eta = 1 sampler:
+
+- env: ``gym.make_vec("DiffusionDenoise-v0", array_type="torch")`` stepped by
+  ``GaussianDenoisingPolicy.sample_with_log_prob`` (the policy's mean, sigma and exact
+  log-likelihood, action checks, state bookkeeping, decoding and the JPEG reward at the end);
+- bare: ``unet(...)`` then ``DDIMScheduler.step(..., eta=1.0)``, nothing else.
+
+Timed episodes of the two paths alternate, so that drift of the machine hits both alike; the
+median episode time gives transitions per second (batch x steps / time). Then the environment
+runs many short episodes and its resident memory is sampled, to show it stays flat.
+
+    python benchmarks/env_throughput.py --batch-sizes 32 64 --episodes 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import time
+from collections.abc import Callable
+
+import gymnasium as gym
+import torch
+from diffusers import DDIMScheduler
+
+import diffusion_env  # noqa: F401  (registers DiffusionDenoise-v0)
+from agents import GaussianDenoisingPolicy
+from diffusion_env.models import PixelUNetDenoiser, tiny_random_denoiser
+
+
+def resident_memory_mb() -> float:
+    """Current resident set size of this process in MB (Linux /proc)."""
+    with open("/proc/self/statm") as statm:
+        pages = int(statm.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+def peak_resident_memory_mb() -> float:
+    """Peak resident set size of this process so far in MB (Linux reports ru_maxrss in kB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
+
+
+def peak_gpu_memory_mb(episode: Callable[[], None], device: torch.device) -> float:
+    """Peak GPU memory allocated while one episode runs, in MB."""
+    torch.cuda.reset_peak_memory_stats(device)
+    episode()
+    return torch.cuda.max_memory_allocated(device) / 1e6
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def env_episode(env: gym.vector.VectorEnv, policy: GaussianDenoisingPolicy, generator: torch.Generator) -> None:
+    obs, _ = env.reset()
+    terminated = torch.zeros(1, dtype=torch.bool)
+    while not bool(terminated.all()):
+        action, _ = policy.sample_with_log_prob(obs, generator=generator)
+        obs, _, terminated, _, _ = env.step(action)
+
+
+def bare_episode(
+    backend: PixelUNetDenoiser, scheduler: DDIMScheduler, prompt_embeds: torch.Tensor, generator: torch.Generator
+) -> None:
+    latents = torch.randn(
+        (prompt_embeds.shape[0], *backend.latent_shape), generator=generator, device=backend.device, dtype=backend.dtype
+    )
+    for t in scheduler.timesteps:
+        eps = backend.unet(latents, t, encoder_hidden_states=prompt_embeds).sample
+        latents = scheduler.step(eps, t, latents, eta=1.0, generator=generator).prev_sample
+
+
+def timed(episode: Callable[[], None], device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    episode()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def compare(backend: PixelUNetDenoiser, batch: int, steps: int, episodes: int) -> dict[str, float | str]:
+    device = backend.device
+    env = gym.make_vec(
+        "DiffusionDenoise-v0", num_envs=batch, model=backend, num_inference_steps=steps, array_type="torch"
+    )
+    env.reset(seed=0)
+    policy = GaussianDenoisingPolicy.from_env(env)
+    scheduler = DDIMScheduler.from_config(backend.scheduler.config)
+    scheduler.set_timesteps(steps)
+    prompt_embeds = backend.encode_prompts(env.unwrapped.core.prompts)
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    run_env = lambda: env_episode(env, policy, generator)  # noqa: E731
+    run_bare = lambda: bare_episode(backend, scheduler, prompt_embeds, generator)  # noqa: E731
+    run_env(), run_bare()  # warm-up: allocator, kernels, prompt cache
+    env_times, bare_times = [], []
+    for _ in range(episodes):
+        env_times.append(timed(run_env, device))
+        bare_times.append(timed(run_bare, device))
+    transitions = batch * steps
+    env_rate = transitions / statistics.median(env_times)
+    bare_rate = transitions / statistics.median(bare_times)
+    if device.type == "cuda":
+        memory = f"peak GPU memory env {peak_gpu_memory_mb(run_env, device):.0f} MB, bare {peak_gpu_memory_mb(run_bare, device):.0f} MB"
+    else:
+        memory = f"peak RSS so far {peak_resident_memory_mb():.0f} MB"
+    env.close()
+    return {"env": env_rate, "bare": bare_rate, "ratio": env_rate / bare_rate, "memory": memory}
+
+
+@torch.no_grad()
+def memory_over_episodes(backend: PixelUNetDenoiser, episodes: int, batch: int, steps: int) -> list[tuple[int, float]]:
+    env = gym.make_vec("DiffusionDenoise-v0", num_envs=batch, model=backend, num_inference_steps=steps, array_type="torch")
+    env.reset(seed=0)
+    policy = GaussianDenoisingPolicy.from_env(env)
+    generator = torch.Generator(device=backend.device).manual_seed(0)
+    samples = []
+    for episode in range(1, episodes + 1):
+        env_episode(env, policy, generator)
+        if episode in (1, 10) or episode % max(1, episodes // 5) == 0:
+            memory = (
+                torch.cuda.memory_allocated(backend.device) / 1e6
+                if backend.device.type == "cuda"
+                else resident_memory_mb()
+            )
+            samples.append((episode, memory))
+    env.close()
+    return samples
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 64])
+    parser.add_argument("--steps", type=int, default=20, help="denoising steps per episode")
+    parser.add_argument("--episodes", type=int, default=5, help="timed episodes per path and batch size")
+    parser.add_argument("--sample-size", type=int, default=32, help="image side of the test-sized UNet")
+    parser.add_argument("--memory-episodes", type=int, default=1000, help="episodes of the memory check")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+
+    backend = tiny_random_denoiser(sample_size=args.sample_size).to(args.device)
+    parameters = sum(p.numel() for p in backend.unet.parameters())
+    card = torch.cuda.get_device_name(backend.device) if backend.device.type == "cuda" else f"{os.cpu_count()} CPU cores"
+    print(f"device {args.device} ({card}), torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"UNet {parameters / 1e6:.2f} M parameters, {args.sample_size}x{args.sample_size}, {args.steps} DDIM steps, eta 1.0")
+    print(f"{'batch':>5} {'env transitions/s':>18} {'bare transitions/s':>19} {'env / bare':>10}")
+    for batch in args.batch_sizes:
+        result = compare(backend, batch, args.steps, args.episodes)
+        print(f"{batch:>5} {result['env']:>18.1f} {result['bare']:>19.1f} {result['ratio']:>10.3f}  {result['memory']}")
+
+    print(f"memory over {args.memory_episodes} episodes (batch 4, 2 steps each):")
+    samples = memory_over_episodes(backend, args.memory_episodes, batch=4, steps=2)
+    kind = "GPU allocated" if backend.device.type == "cuda" else "RSS"
+    for episode, memory in samples:
+        print(f"  after episode {episode:>5}: {kind} {memory:8.1f} MB")
+    at_episode_10 = dict(samples)[10]
+    print(f"  growth from episode 10 to {samples[-1][0]}: {samples[-1][1] - at_episode_10:+.1f} MB")
+
+
+if __name__ == "__main__":
+    main()
