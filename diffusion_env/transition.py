@@ -122,7 +122,7 @@ class GaussianTransition:
         timesteps = self.scheduler.timesteps.to(torch.long)
         alphas_cumprod = self.scheduler.alphas_cumprod.to(torch.float64)
         prev_timesteps = self._previous_timesteps(timesteps)
-        final_alpha = self._final_alpha_cumprod(alphas_cumprod)
+        final_alpha = self._final_alpha_cumprod()
         # alpha_t and alpha_{t-1} in the DDIM paper's notation (cumulative products).
         alpha_t = alphas_cumprod[timesteps]
         alpha_prev = torch.where(
@@ -169,7 +169,6 @@ class GaussianTransition:
         device = torch.device(device)
         self.timesteps = timesteps.to(device)
         self.alpha_t = alpha_t.to(device)
-        self.alpha_prev = alpha_prev.to(device)
         self.sigma = sigma.to(device)
         self.coef_x0 = coef_x0.to(device)
         self.coef_eps = coef_eps.to(device)
@@ -179,12 +178,6 @@ class GaussianTransition:
     def device(self) -> torch.device:
         return self.timesteps.device
 
-    def to(self, device: torch.device | str) -> GaussianTransition:
-        """Moves the coefficient tables to ``device`` (in place) and returns self."""
-        for name in ("timesteps", "alpha_t", "alpha_prev", "sigma", "coef_x0", "coef_eps", "coef_xt"):
-            setattr(self, name, getattr(self, name).to(device))
-        return self
-
     def _previous_timesteps(self, timesteps: torch.Tensor) -> torch.Tensor:
         if self.kind == "ddim":
             # DDIMScheduler.step's own rule: t_prev = t - T // K (negative on the last step).
@@ -192,7 +185,8 @@ class GaussianTransition:
             return timesteps - stride
         return torch.cat([timesteps[1:], torch.tensor([-1], dtype=timesteps.dtype)])
 
-    def _final_alpha_cumprod(self, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    def _final_alpha_cumprod(self) -> torch.Tensor:
+        """alpha of the step after the last: DDIM's configured final alpha, 1 for DDPM."""
         if self.kind == "ddim":
             return self.scheduler.final_alpha_cumprod.to(torch.float64)
         return torch.tensor(1.0, dtype=torch.float64)
@@ -247,7 +241,7 @@ class GaussianTransition:
 
     def _per_sample(self, table: torch.Tensor, step_index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """``table[step_index]`` shaped to broadcast against ``like`` (B, ...)."""
-        values = table[step_index.to(table.device)].to(like.dtype)
+        values = table[step_index.to(table.device)].to(like.device, like.dtype)
         return values.reshape(-1, *([1] * (like.dim() - 1)))
 
     # ------------------------------------------------------------------ the formulas

@@ -185,3 +185,36 @@ def test_gym_make_with_no_arguments_runs_offline():
     assert obs in env.observation_space and isinstance(info["prompt"], str)
     obs, reward, terminated, truncated, info = env.step(np.zeros_like(obs["latent"]))
     assert reward == 0.0 and not terminated
+
+
+def test_reduced_precision_model_still_observes_float32_and_scores_in_float32(make_env):
+    env = make_env(dtype=torch.bfloat16)
+    core = env.unwrapped.core
+    policy = GaussianDenoisingPolicy.from_env(env)
+    obs, _ = env.reset(seed=0)
+    assert core.latents.dtype == torch.bfloat16 and obs["latent"].dtype == np.float32
+    with torch.no_grad():
+        action, log_prob = policy.sample_with_log_prob(obs)
+    assert action.dtype == torch.bfloat16
+    assert log_prob.dtype == torch.float32 and bool(torch.isfinite(log_prob).all())
+    obs, *_ = env.step(action[0].float().numpy())
+    assert obs in env.observation_space
+
+
+def test_a_ddpm_backend_is_stepped_with_its_own_ancestral_sampler(make_env):
+    from diffusers import DDPMScheduler
+
+    from diffusion_env.models import tiny_random_denoiser
+    from diffusion_env.transition import ScheduleError
+
+    backend = tiny_random_denoiser()
+    backend.scheduler = DDPMScheduler(variance_type="fixed_large", clip_sample=True)
+    env = make_env(model=backend)
+    assert env.unwrapped.core.transition.kind == "ddpm"
+    policy = GaussianDenoisingPolicy.from_env(env)
+    trajectory = rollout(env, policy, seed=0)
+    assert len(trajectory) == NUM_STEPS + 1 and np.isfinite(trajectory[-1][1]).all()
+
+    backend.scheduler = DDPMScheduler(variance_type="fixed_small")
+    with pytest.raises(ScheduleError, match="fixed_small variance beta-tilde_t is 0 on the last step"):
+        make_env(model=backend)
