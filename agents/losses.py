@@ -1,0 +1,79 @@
+"""The DDPO family's objectives on per-step log-likelihoods (Black et al., 2023, Sec. 4).
+
+All take log-likelihoods of (sample, step) pairs, so one call covers a minibatch that mixes
+timesteps. Each returns the scalar to *minimise*.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def score_function_loss(log_probs: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+    """DDPO_SF, eq. (3): grad J = E[ sum_t grad log p_theta(x_{t-1} | x_t, c) r ].
+
+    Loss: -mean(A * log p_theta), whose gradient is the REINFORCE estimator with the advantage A
+    in place of r (a baseline that leaves it unbiased).
+    """
+    return -(advantages * log_probs).mean()
+
+
+def clipped_surrogate_loss(
+    log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_range: float,
+    num_dims: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DDPO_IS, eq. (4) with PPO's clip (Schulman et al., 2017, eq. 7).
+
+    ratio = p_theta(x_{t-1} | x_t, c) / p_theta_old(x_{t-1} | x_t, c)
+    loss  = mean( max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)) )
+
+    With ``num_dims`` = D given, the ratio is that of the per-dimension-normalised likelihoods,
+    exp((log p - log p_old) / D), the objective of DDPO's reference code (clip range 1e-4 there);
+    with ``num_dims=None`` it is the exact full-likelihood ratio exp(log p - log p_old).
+
+    Returns the loss and diagnostics: ``approx_kl`` (1/2 mean (log ratio)^2) and ``clip_fraction``.
+    """
+    if not clip_range > 0:
+        raise ValueError(f"clip_range must be > 0, got {clip_range}")
+    log_ratio = log_probs - old_log_probs
+    if num_dims is not None:
+        log_ratio = log_ratio / num_dims
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()
+    with torch.no_grad():
+        diagnostics = {
+            "approx_kl": 0.5 * log_ratio.square().mean(),
+            "clip_fraction": ((ratio - 1.0).abs() > clip_range).float().mean(),
+        }
+    return loss, diagnostics
+
+
+def reward_weights(rewards: torch.Tensor, beta: float) -> torch.Tensor:
+    """RWR (Peters & Schaal, 2007; Lee et al., 2023): w_i = exp(beta r_i) / sum_j exp(beta r_j), times B.
+
+    Normalised to mean 1 over the batch, computed as a softmax so that large beta * r cannot overflow.
+    """
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    return torch.softmax(beta * rewards.to(torch.float32), dim=0) * rewards.shape[0]
+
+
+def sparse_reward_weights(rewards: torch.Tensor, percentile: float) -> torch.Tensor:
+    """Sparse RWR (DDPO Sec. 4.1): weight 1 for rewards at or above the batch's ``percentile``, else 0."""
+    if not 0 <= percentile < 100:
+        raise ValueError(f"percentile must be in [0, 100), got {percentile}")
+    threshold = torch.quantile(rewards.to(torch.float32), percentile / 100.0)
+    return (rewards >= threshold).to(torch.float32)
+
+
+def weighted_denoising_loss(
+    predicted_noise: torch.Tensor, noise: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """RWR's objective: the weighted denoising (epsilon-matching) loss sum_i w_i ||eps_hat_i - eps_i||^2 / (B D)."""
+    per_sample = (predicted_noise.float() - noise.float()).square().flatten(1).mean(dim=1)
+    return (weights * per_sample).mean()

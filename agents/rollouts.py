@@ -1,0 +1,109 @@
+"""Rollout collection: whole denoising trajectories from the vector environment, as DDPO trains on.
+
+DDPO (Black et al., 2023, Alg. 1) samples a batch of trajectories with the current policy,
+records each step's latent, timestep and log-likelihood, and scores the final images. Training
+then recomputes log-likelihoods for (sample, timestep) pairs, batched across both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import gymnasium as gym
+import torch
+
+from agents.policy import GaussianDenoisingPolicy
+
+
+@dataclass
+class Trajectories:
+    """B trajectories of K steps, on the policy's device.
+
+    Attributes:
+        latents: ``(B, K + 1, C, H, W)``: x_T, ..., x_0; step k goes from ``latents[:, k]`` to
+            ``latents[:, k + 1]``.
+        timesteps: ``(B, K)`` long, the scheduler timestep of each step.
+        log_probs: ``(B, K)`` float32, log pi_old(x_{t-1} | x_t, c) when sampled.
+        prompt_embeds: ``(B, L, D)``.
+        prompts: B prompt strings.
+        rewards: ``(B,)`` float32, the final reward.
+    """
+
+    latents: torch.Tensor
+    timesteps: torch.Tensor
+    log_probs: torch.Tensor
+    prompt_embeds: torch.Tensor
+    prompts: list[str]
+    rewards: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.latents.shape[0]
+
+    @property
+    def num_steps(self) -> int:
+        return self.timesteps.shape[1]
+
+    def observations(self, samples: torch.Tensor, steps: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The observations of the (sample, step) pairs ``samples[i], steps[i]``, as the env gives them."""
+        return {
+            "latent": self.latents[samples, steps],
+            "timestep": self.timesteps[samples, steps].to(torch.float32)[:, None],
+            "prompt_embedding": self.prompt_embeds[samples],
+        }
+
+    def actions(self, samples: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        """The actions x_{t-1} taken at the (sample, step) pairs."""
+        return self.latents[samples, steps + 1]
+
+    def minibatches(
+        self, size: int, generator: torch.Generator, steps: torch.Tensor | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Shuffled (sample, step) index pairs in minibatches of ``size``, over every sample and the given steps.
+
+        Mixing timesteps inside a minibatch is what lets one network call recompute many
+        log-likelihoods (the transition's coefficients are indexed per sample).
+        """
+        steps = torch.arange(self.num_steps) if steps is None else steps.cpu()
+        samples_grid, steps_grid = torch.meshgrid(torch.arange(self.batch_size), steps, indexing="ij")
+        pairs = torch.stack([samples_grid.reshape(-1), steps_grid.reshape(-1)], dim=1)
+        pairs = pairs[torch.randperm(len(pairs), generator=generator)].to(self.latents.device)
+        for start in range(0, len(pairs), size):
+            chunk = pairs[start : start + size]
+            yield chunk[:, 0], chunk[:, 1]
+
+
+@torch.no_grad()
+def collect_trajectories(
+    env: gym.vector.VectorEnv,
+    policy: GaussianDenoisingPolicy,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+) -> Trajectories:
+    """Resets ``env`` (a ``DiffusionDenoise`` vector env) and runs its N episodes with ``policy``.
+
+    The env must use ``array_type="torch"``, so that nothing leaves the device.
+    """
+    if getattr(env.unwrapped, "array_type", None) != "torch":
+        raise ValueError(
+            "collect_trajectories needs a DiffusionDenoise vector env made with array_type='torch'"
+        )
+    core = env.unwrapped.core
+    obs, _ = env.reset(seed=seed)
+    prompts, prompt_embeds = list(core.prompts), core.prompt_embeds
+    latents, timesteps, log_probs = [obs["latent"]], [], []
+    for _ in range(core.num_steps):
+        timesteps.append(core.timesteps().clone())
+        action, log_prob = policy.sample_with_log_prob(obs, generator=generator)
+        obs, rewards, _, _, _ = env.step(action)
+        latents.append(action)
+        log_probs.append(log_prob)
+    return Trajectories(
+        latents=torch.stack(latents, dim=1),
+        timesteps=torch.stack(timesteps, dim=1),
+        log_probs=torch.stack(log_probs, dim=1),
+        prompt_embeds=prompt_embeds,
+        prompts=prompts,
+        rewards=rewards,
+    )

@@ -1,0 +1,102 @@
+"""The DDPO building blocks: objectives on hand-computed cases, the stat tracker, rollout collection."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from agents import GaussianDenoisingPolicy
+from agents.advantages import PerPromptStatTracker, batch_normalized_advantages, clip_advantages
+from agents.losses import (
+    clipped_surrogate_loss,
+    reward_weights,
+    score_function_loss,
+    sparse_reward_weights,
+    weighted_denoising_loss,
+)
+from agents.rollouts import collect_trajectories
+from tests.conftest import NUM_STEPS
+
+
+def test_score_function_loss_and_its_gradient():
+    log_probs = torch.tensor([1.0, 2.0], requires_grad=True)
+    loss = score_function_loss(log_probs, torch.tensor([1.0, -1.0]))
+    assert loss.item() == pytest.approx(-(1 * 1 + -1 * 2) / 2)
+    loss.backward()
+    assert log_probs.grad.tolist() == [-0.5, 0.5]
+
+
+def test_clipped_surrogate_on_hand_computed_ratios():
+    old = torch.zeros(4)
+    new = torch.log(torch.tensor([1.5, 1.5, 0.5, 1.1]))
+    advantages = torch.tensor([1.0, -1.0, 1.0, 2.0])
+    loss, stats = clipped_surrogate_loss(new, old, advantages, clip_range=0.2)
+    # ratio 1.5, A=+1: max(-1.5, -1.2) = -1.2;  ratio 1.5, A=-1: max(1.5, 1.2) = 1.5
+    # ratio 0.5, A=+1: max(-0.5, -0.8) = -0.5;  ratio 1.1, A=+2: max(-2.2, -2.2) = -2.2
+    assert float(loss) == pytest.approx((-1.2 + 1.5 - 0.5 - 2.2) / 4)
+    assert float(stats["clip_fraction"]) == pytest.approx(3 / 4)
+    assert float(stats["approx_kl"]) == pytest.approx(0.5 * float((new**2).mean()))
+
+
+def test_per_dimension_ratio_divides_the_log_ratio_by_d():
+    old, new = torch.zeros(1), torch.tensor([3000.0 * 1e-5])
+    loss, stats = clipped_surrogate_loss(new, old, torch.ones(1), clip_range=1e-4, num_dims=3000)
+    assert float(loss) == pytest.approx(-math.exp(1e-5))  # within the clip: ratio e^(1e-5)
+    assert float(stats["clip_fraction"]) == 0.0
+    loss_full, _ = clipped_surrogate_loss(new, old, torch.ones(1), clip_range=1e-4)
+    assert float(loss_full) == pytest.approx(-(1 + 1e-4))  # exact ratio e^0.03 is clipped
+
+
+def test_reward_weights():
+    weights = reward_weights(torch.tensor([0.0, math.log(3.0)]), beta=1.0)
+    torch.testing.assert_close(weights, torch.tensor([0.5, 1.5]))
+    huge = reward_weights(torch.tensor([1e4, 0.0]), beta=1.0)
+    assert torch.isfinite(huge).all() and huge.tolist() == [2.0, 0.0]
+    assert sparse_reward_weights(torch.tensor([1.0, 2.0, 3.0, 4.0]), 50).tolist() == [0, 0, 1, 1]
+    loss = weighted_denoising_loss(torch.ones(2, 1, 2, 2), torch.zeros(2, 1, 2, 2), torch.tensor([0.0, 2.0]))
+    assert float(loss) == pytest.approx((0 * 1 + 2 * 1) / 2)
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        reward_weights(torch.zeros(2), beta=0)
+
+
+def test_batch_normalisation_and_clipping():
+    advantages = batch_normalized_advantages(torch.tensor([1.0, 3.0]))
+    torch.testing.assert_close(advantages, torch.tensor([-1.0, 1.0]), atol=1e-5, rtol=0)
+    assert clip_advantages(torch.tensor([-7.0, 0.5, 9.0]), 5.0).tolist() == [-5.0, 0.5, 5.0]
+
+
+def test_stat_tracker_falls_back_to_batch_statistics_then_uses_the_prompts_own():
+    tracker = PerPromptStatTracker(buffer_size=4, min_count=3)
+    first = tracker.update(["a", "a", "b", "b"], torch.tensor([1.0, 3.0, 5.0, 7.0]))
+    batch_mean, batch_std = 4.0, float(np.std([1, 3, 5, 7]))
+    torch.testing.assert_close(first, (torch.tensor([1.0, 3.0, 5.0, 7.0]) - batch_mean) / (batch_std + 1e-6))
+    second = tracker.update(["a", "b"], torch.tensor([2.0, 100.0]))
+    # "a" now holds [1, 3, 2]: its own mean 2 and std sqrt(2/3); "b" likewise [5, 7, 100].
+    assert float(second[0]) == pytest.approx(0.0, abs=1e-6)
+    b = np.array([5.0, 7.0, 100.0])
+    assert float(second[1]) == pytest.approx((100 - b.mean()) / (b.std() + 1e-6), rel=1e-5)
+    restored = PerPromptStatTracker()
+    restored.load_state_dict(tracker.state_dict())
+    assert restored.buffers == tracker.buffers and restored.min_count == 3
+
+
+def test_collected_log_probs_equal_the_batched_recomputation(make_vec_env):
+    env = make_vec_env(num_envs=3, array_type="torch")
+    policy = GaussianDenoisingPolicy.from_env(env)
+    trajectories = collect_trajectories(env, policy, generator=torch.Generator().manual_seed(0), seed=1)
+    assert trajectories.latents.shape == (3, NUM_STEPS + 1, 3, 16, 16)
+    assert trajectories.log_probs.shape == (3, NUM_STEPS) and trajectories.rewards.shape == (3,)
+    pairs = list(trajectories.minibatches(5, torch.Generator().manual_seed(0)))
+    seen = torch.cat([samples * NUM_STEPS + steps for samples, steps in pairs])
+    assert sorted(seen.tolist()) == list(range(3 * NUM_STEPS))
+    with torch.no_grad():
+        for samples, steps in pairs:  # minibatches that mix samples and timesteps
+            recomputed = policy.log_prob(trajectories.observations(samples, steps), trajectories.actions(samples, steps))
+            torch.testing.assert_close(recomputed, trajectories.log_probs[samples, steps], rtol=1e-5, atol=1e-3)
+
+
+def test_collect_trajectories_needs_torch_arrays(make_vec_env):
+    env = make_vec_env(num_envs=1)
+    with pytest.raises(ValueError, match="array_type='torch'"):
+        collect_trajectories(env, GaussianDenoisingPolicy.from_env(env))
