@@ -56,7 +56,7 @@ class DenoisingCore:
         reward: a registered reward name or a callable ``(images, prompts, metadata) -> rewards``.
         prompts: a registered prompt-set name, a list of prompts or a ``PromptSet``.
         num_inference_steps: denoising steps K per episode.
-        eta: DDIM's eta in (0, 1] (ignored by nothing: DDPM schedulers require 1.0).
+        eta: DDIM's eta in (0, 1]; DDPM schedulers require 1.0.
         guidance_scale: classifier-free guidance weight (>= 0) used for the rendered x0-prediction
             and by policies built from the environment; None takes the model's default.
         device: where the model and the state live (default: the model's device).
@@ -155,7 +155,7 @@ class DenoisingCore:
 
     def observation(self) -> dict[str, torch.Tensor]:
         """The current observation as tensors on the device (latents in the core's dtype)."""
-        self._require_reset()
+        self.require_reset()
         return {
             "latent": self.latents,
             "timestep": self.timesteps().to(torch.float32)[:, None],
@@ -174,7 +174,7 @@ class DenoisingCore:
         self.prompts, self.metadata, self.prompt_embeds, self.latents = prompts, metadata, prompt_embeds, latents
         self.step_index = 0
 
-    def _require_reset(self) -> None:
+    def require_reset(self) -> None:
         if self.step_index < 0:
             raise EpisodeStateError("the environment has not been reset; call reset() before step() or render()")
 
@@ -220,7 +220,7 @@ class DenoisingCore:
             TypeError, ValueError: for a bad action (see :meth:`check_action`).
             RewardError: if the reward function fails.
         """
-        self._require_reset()
+        self.require_reset()
         if self.episode_over:
             raise EpisodeStateError(
                 f"the episode ended after {self.num_steps} steps; call reset() to start a new one"
@@ -240,7 +240,7 @@ class DenoisingCore:
     @torch.no_grad()
     def predicted_clean_images(self) -> torch.Tensor:
         """Decoded x0-prediction of the current latents ``(N, H, W, 3)`` uint8 (the final images at the end)."""
-        self._require_reset()
+        self.require_reset()
         if self.episode_over:
             return self.backend.decode(self.latents)
         step_index = self.step_indices()

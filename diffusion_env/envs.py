@@ -155,7 +155,7 @@ class DiffusionDenoiseEnv(gym.Env):
     def step(
         self, action: np.ndarray
     ) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
-        self.core._require_reset()
+        self.core.require_reset()
         result = self.core.step(_numpy_action(action, self.action_space, self.core)[None])
         info: dict[str, Any] = {"prompt": self.core.prompts[0]}
         if result.terminated:
@@ -260,7 +260,9 @@ class DiffusionDenoiseVectorEnv(VectorEnv):
 
     def _reset_core(self) -> None:
         self.core.reset(self.np_random)
-        self._prompt_embedding = _to_numpy(self.core.prompt_embeds)
+        if self.array_type == "numpy":
+            # The embeddings are fixed for the episode: copy them to the host once, not every step.
+            self._prompt_embedding = _to_numpy(self.core.prompt_embeds)
         self._autoreset_pending = False
 
     def reset(
@@ -276,7 +278,7 @@ class DiffusionDenoiseVectorEnv(VectorEnv):
         return _numpy_action(actions, self.action_space, self.core)
 
     def step(self, actions: Any) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
-        self.core._require_reset()
+        self.core.require_reset()
         flags = torch.zeros(self.num_envs, dtype=torch.bool, device=self.core.device)
         if self._autoreset_pending:
             # NEXT_STEP: this step only starts the new episodes; the action is ignored.
