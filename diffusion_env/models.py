@@ -66,6 +66,10 @@ class DenoiserBackend(Protocol):
         """The network whose parameters a policy fine-tunes (the UNet)."""
         ...
 
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> DenoiserBackend:
+        """Moves the back-end (in place, like ``nn.Module.to``) and returns it."""
+        ...
+
 
 class PixelUNetDenoiser(nn.Module):
     """A pixel-space text-to-image model: diffusers' ``UNet2DConditionModel`` cross-attending to a

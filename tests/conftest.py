@@ -27,6 +27,7 @@ def make_env():
     made = []
 
     def factory(**kwargs):
+        kwargs.setdefault("model", "tiny-random")
         kwargs.setdefault("num_inference_steps", NUM_STEPS)
         kwargs.setdefault("prompts", ["a red circle on a blue background", "two green squares"])
         env = gym.make("DiffusionDenoise-v0", **kwargs)
@@ -44,6 +45,7 @@ def make_vec_env():
     made = []
 
     def factory(num_envs=2, **kwargs):
+        kwargs.setdefault("model", "tiny-random")
         kwargs.setdefault("num_inference_steps", NUM_STEPS)
         kwargs.setdefault("prompts", ["a red circle on a blue background", "two green squares"])
         env = gym.make_vec("DiffusionDenoise-v0", num_envs=num_envs, **kwargs)

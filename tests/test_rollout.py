@@ -9,7 +9,9 @@ from diffusion_env import rollout
 
 
 def test_rollout_saves_a_grid_and_one_record_per_image(tmp_path):
-    summary = rollout.main(["--num-envs", "3", "--num-inference-steps", "3", "--out", str(tmp_path), "--upscale", "2"])
+    summary = rollout.main(
+        ["--model", "tiny-random", "--num-envs", "3", "--num-inference-steps", "3", "--out", str(tmp_path), "--upscale", "2"]
+    )
     records = json.loads((tmp_path / "samples.json").read_text())
     assert len(records) == 3
     assert all(r["reward"] == -r["jpeg_kb"] and np.isfinite(r["log_likelihood"]) for r in records)
