@@ -116,13 +116,15 @@ class PixelUNetDenoiser(nn.Module):
         )
         self.prompt_encoder.to(self.device, self.dtype)
 
+    # diffusers' ModelMixin.device/dtype scan the whole module (about 0.6 ms each), and the MDP asks
+    # several times per step; the first parameter answers the same for a model on one device.
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        return next(self.unet.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.unet.dtype
+        return next(self.unet.parameters()).dtype
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], *args, **kwargs) -> PixelUNetDenoiser:
         # nn.Module.to/cuda/half all funnel through _apply; the prompt cache follows the UNet.
