@@ -100,3 +100,50 @@ def test_collect_trajectories_needs_torch_arrays(make_vec_env):
     env = make_vec_env(num_envs=1)
     with pytest.raises(ValueError, match="array_type='torch'"):
         collect_trajectories(env, GaussianDenoisingPolicy.from_env(env))
+
+
+def _trained_copy(make_vec_env, config, steps=1):
+    import copy
+
+    from agents.advantages import batch_normalized_advantages
+    from agents.ddpo import ddpo_update
+
+    env = make_vec_env(num_envs=4, array_type="torch")
+    policy = GaussianDenoisingPolicy.from_env(env)
+    reference = copy.deepcopy(policy)
+    optimizer = torch.optim.AdamW(policy.backend.unet.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(0)
+    figures = {}
+    for _ in range(steps):
+        trajectories = collect_trajectories(env, policy, generator=generator, seed=0)
+        advantages = batch_normalized_advantages(trajectories.rewards)
+        figures = ddpo_update(policy, trajectories, advantages, optimizer, config, generator, reference_policy=reference)
+    return policy, reference, figures
+
+
+@pytest.mark.parametrize("estimator", ["sf", "is"])
+def test_a_ddpo_update_changes_the_network_and_logs_finite_figures(make_vec_env, estimator):
+    from agents.ddpo import DDPOConfig
+
+    config = DDPOConfig(estimator=estimator, minibatch_size=6, gradient_accumulation=2, inner_epochs=2,
+                        timestep_fraction=0.5, kl_coefficient=0.1)
+    policy, reference, figures = _trained_copy(make_vec_env, config)
+    changed = [not torch.equal(p, q) for p, q in zip(policy.backend.unet.parameters(), reference.backend.unet.parameters())]
+    assert any(changed)
+    assert all(math.isfinite(v) for v in figures.values())
+    assert "losses/kl_to_reference" in figures and "losses/grad_norm" in figures
+    assert ("losses/clip_fraction" in figures) == (estimator == "is")
+
+
+def test_a_non_finite_loss_stops_training_before_the_update(make_vec_env):
+    from agents.ddpo import DDPOConfig, NonFiniteError, ddpo_update
+
+    env = make_vec_env(num_envs=2, array_type="torch")
+    policy = GaussianDenoisingPolicy.from_env(env)
+    before = [p.clone() for p in policy.backend.unet.parameters()]
+    trajectories = collect_trajectories(env, policy, seed=0)
+    optimizer = torch.optim.SGD(policy.backend.unet.parameters(), lr=1.0)
+    with pytest.raises(NonFiniteError, match="loss is nan"):
+        ddpo_update(policy, trajectories, torch.full((2,), float("nan")), optimizer,
+                    DDPOConfig(estimator="sf"), torch.Generator().manual_seed(0))
+    assert all(torch.equal(p, q) for p, q in zip(policy.backend.unet.parameters(), before))
