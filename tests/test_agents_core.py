@@ -147,3 +147,18 @@ def test_a_non_finite_loss_stops_training_before_the_update(make_vec_env):
         ddpo_update(policy, trajectories, torch.full((2,), float("nan")), optimizer,
                     DDPOConfig(estimator="sf"), torch.Generator().manual_seed(0))
     assert all(torch.equal(p, q) for p, q in zip(policy.backend.unet.parameters(), before))
+
+
+@pytest.mark.parametrize("weighting", ["exponential", "sparse"])
+def test_an_rwr_update_fits_the_network_to_its_weighted_samples(make_vec_env, weighting):
+    from agents.rwr import RWRConfig, rwr_update
+
+    env = make_vec_env(num_envs=4, array_type="torch")
+    policy = GaussianDenoisingPolicy.from_env(env)
+    before = [p.clone() for p in policy.backend.unet.parameters()]
+    trajectories = collect_trajectories(env, policy, generator=torch.Generator().manual_seed(0), seed=0)
+    optimizer = torch.optim.AdamW(policy.backend.unet.parameters(), lr=1e-3)
+    figures = rwr_update(policy, trajectories, optimizer, RWRConfig(weighting=weighting, percentile=50, minibatch_size=3),
+                         torch.Generator().manual_seed(0))
+    assert math.isfinite(figures["losses/rwr_loss"]) and figures["losses/weight_max"] > 0
+    assert any(not torch.equal(p, q) for p, q in zip(policy.backend.unet.parameters(), before))
