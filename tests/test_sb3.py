@@ -1,0 +1,46 @@
+"""Stable-Baselines3 steps the native vector environment through the adapter, and the single one as is."""
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium.vector import AutoresetMode
+from stable_baselines3 import PPO
+from stable_baselines3.common.vec_env import DummyVecEnv
+
+from agents.sb3 import SB3VecEnvAdapter
+from tests.conftest import NUM_STEPS
+
+
+def test_adapter_follows_sb3s_autoreset_convention(make_vec_env):
+    adapter = SB3VecEnvAdapter(make_vec_env(num_envs=2, autoreset_mode=AutoresetMode.SAME_STEP))
+    adapter.seed(3)
+    obs = adapter.reset()
+    assert obs["latent"].shape == (2, 3, 16, 16) and len(adapter.reset_infos) == 2
+    for k in range(NUM_STEPS):
+        action = np.zeros((2, 3, 16, 16), dtype=np.float32) + 0.1 * k
+        obs, rewards, dones, infos = adapter.step(action)
+        assert dones.all() == (k == NUM_STEPS - 1)
+    terminal = infos[1]["terminal_observation"]
+    np.testing.assert_allclose(terminal["latent"], action[1])
+    assert terminal["timestep"][0] == -1.0 and obs["timestep"][1, 0] > 0
+    assert rewards.dtype == np.float32 and rewards[0] == pytest.approx(-infos[0]["reward_details"]["jpeg_kb"])
+    assert infos[0]["image"].shape == (16, 16, 3) and not infos[0]["TimeLimit.truncated"]
+
+
+def test_adapter_refuses_an_env_sb3_cannot_step(make_vec_env):
+    with pytest.raises(ValueError, match="same-step autoreset"):
+        SB3VecEnvAdapter(make_vec_env(num_envs=2))
+    with pytest.raises(TypeError, match="DiffusionDenoiseVectorEnv"):
+        SB3VecEnvAdapter(gym.make_vec("CartPole-v1", num_envs=2))
+
+
+def test_sb3_ppo_runs_on_the_adapter_and_on_the_single_env(make_vec_env, make_env):
+    adapter = SB3VecEnvAdapter(make_vec_env(num_envs=2, autoreset_mode=AutoresetMode.SAME_STEP))
+    model = PPO("MultiInputPolicy", adapter, n_steps=NUM_STEPS, batch_size=4, n_epochs=1, seed=0, device="cpu")
+    model.learn(total_timesteps=2 * NUM_STEPS)
+    assert model.num_timesteps == 2 * NUM_STEPS
+
+    single = DummyVecEnv([lambda: make_env()])
+    model = PPO("MultiInputPolicy", single, n_steps=NUM_STEPS, batch_size=4, n_epochs=1, seed=0, device="cpu")
+    model.learn(total_timesteps=NUM_STEPS)
+    assert model.num_timesteps == NUM_STEPS
