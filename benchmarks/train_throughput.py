@@ -1,0 +1,118 @@
+"""Training throughput of a DDPO-IS update: log-likelihoods recomputed batched across samples and
+timesteps (``agents.ddpo_update``) against the reference implementations' structure.
+
+The baseline, written here on the same model, samples and loss, follows DDPO's reference code:
+for each minibatch of ``train_batch`` samples, loop over the timesteps, one network call of
+``train_batch`` transitions per timestep, gradients accumulated over the timesteps, one optimiser
+step per minibatch. It runs at DDPO's published per-device train batch (4) and at our batch size.
+Figures: transitions (sample, timestep pairs) trained per second, median over repeats, and peak
+memory.
+
+    python benchmarks/train_throughput.py --num-envs 32 --steps 20 --minibatch 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import resource
+import statistics
+import time
+
+import gymnasium as gym
+import torch
+
+import diffusion_env  # noqa: F401  (registers DiffusionDenoise-v0)
+from agents import DDPOConfig, GaussianDenoisingPolicy, Trajectories, collect_trajectories, ddpo_update
+from agents.advantages import batch_normalized_advantages
+from agents.losses import clipped_surrogate_loss
+from diffusion_env.models import tiny_random_denoiser
+
+
+def timestep_loop_update(
+    policy: GaussianDenoisingPolicy,
+    samples: Trajectories,
+    advantages: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    train_batch: int,
+    clip_range: float,
+) -> None:
+    """DDPO's reference structure: per minibatch of samples, one network call per timestep."""
+    num_dims = math.prod(samples.latents.shape[2:])
+    for start in range(0, samples.batch_size, train_batch):
+        indices = torch.arange(start, min(start + train_batch, samples.batch_size))
+        optimizer.zero_grad(set_to_none=True)
+        for step in range(samples.num_steps):
+            steps = torch.full_like(indices, step)
+            log_probs = policy.log_prob(samples.observations(indices, steps), samples.actions(indices, steps))
+            loss, _ = clipped_surrogate_loss(
+                log_probs, samples.log_probs[indices, steps], advantages[indices], clip_range, num_dims
+            )
+            (loss / samples.num_steps).backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        optimizer.step()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e6
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--num-envs", type=int, default=32, help="samples per batch")
+    parser.add_argument("--steps", type=int, default=20, help="denoising steps per sample")
+    parser.add_argument("--minibatch", type=int, default=64, help="our (sample, timestep) pairs per network call")
+    parser.add_argument("--sample-size", type=int, default=32, help="image side of the test-sized UNet")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+
+    backend = tiny_random_denoiser(sample_size=args.sample_size).to(device)
+    env = gym.make_vec("DiffusionDenoise-v0", num_envs=args.num_envs, model=backend,
+                       num_inference_steps=args.steps, array_type="torch")
+    policy = GaussianDenoisingPolicy.from_env(env)
+    samples = collect_trajectories(env, policy, generator=torch.Generator(device=device).manual_seed(0), seed=0)
+    advantages = batch_normalized_advantages(samples.rewards)
+    optimizer = torch.optim.AdamW(backend.unet.parameters(), lr=1e-6)
+    transitions = samples.batch_size * samples.num_steps
+    config = DDPOConfig(minibatch_size=args.minibatch)
+    generator = torch.Generator().manual_seed(0)
+
+    paths = {
+        f"batched across samples and timesteps (minibatch {args.minibatch})":
+            lambda: ddpo_update(policy, samples, advantages, optimizer, config, generator),
+        "timestep loop, train batch 4 (DDPO's published per-device batch)":
+            lambda: timestep_loop_update(policy, samples, advantages, optimizer, 4, config.clip_range),
+        f"timestep loop, train batch {args.num_envs} (our batch)":
+            lambda: timestep_loop_update(policy, samples, advantages, optimizer, args.num_envs, config.clip_range),
+    }
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
+    print(f"device {device} ({card}), torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"UNet {sum(p.numel() for p in backend.unet.parameters()) / 1e6:.2f} M parameters, "
+          f"{args.sample_size}x{args.sample_size}; {args.num_envs} samples x {args.steps} steps")
+    rates = {}
+    for name, update in paths.items():
+        update()  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            update()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - start)
+        rates[name] = transitions / statistics.median(times)
+        kind = "peak GPU memory" if device.type == "cuda" else "peak RSS so far"
+        print(f"{name:>62}: {rates[name]:8.1f} transitions/s  ({kind} {peak_memory_mb(device):.0f} MB)")
+    ours, batch4, same = rates.values()
+    print(f"speed-up over the timestep loop at batch 4: {ours / batch4:.2f}x; at batch {args.num_envs}: {ours / same:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
