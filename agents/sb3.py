@@ -4,6 +4,13 @@ SB3 steps its own ``VecEnv`` type, not a Gymnasium ``VectorEnv``. :class:`SB3Vec
 presents the native batched environment as one, so that ``PPO(..., env=adapter)`` runs all N
 episodes as one batch on the device. (The single environment needs no adapter: SB3's
 ``DummyVecEnv([lambda: gym.make("DiffusionDenoise-v0")])`` accepts it as it is.)
+
+:class:`DiffusionActorCriticPolicy` is an SB3 actor-critic whose actor is the denoiser's own
+Gaussian transition, so that SB3's PPO or A2C fine-tunes the diffusion model:
+
+    policy = GaussianDenoisingPolicy.from_env(envs)
+    PPO(DiffusionActorCriticPolicy, SB3VecEnvAdapter(envs), ent_coef=0.0,
+        policy_kwargs={"denoising_policy": policy})
 """
 
 from __future__ import annotations
@@ -11,11 +18,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import math
+
 import gymnasium as gym
 import numpy as np
+import torch
 from gymnasium.vector import AutoresetMode
+from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices, VecEnvObs, VecEnvStepReturn
+from torch import nn
 
+from agents.policy import GaussianDenoisingPolicy
 from diffusion_env.envs import DiffusionDenoiseVectorEnv
 
 
@@ -94,3 +107,96 @@ class SB3VecEnvAdapter(VecEnv):
 
     def env_is_wrapped(self, wrapper_class: type[gym.Wrapper], indices: VecEnvIndices = None) -> list[bool]:
         return [False for _ in self._get_indices(indices)]
+
+
+class DiffusionActorCriticPolicy(ActorCriticPolicy):
+    """An SB3 ``ActorCriticPolicy`` whose action distribution is the denoiser's Gaussian transition.
+
+    The actor is a :class:`~agents.policy.GaussianDenoisingPolicy` (mean from the UNet, with
+    classifier-free guidance and any LoRA adapters it carries; sigma_t from the scheduler), so the
+    log-likelihoods SB3 stores and recomputes are the exact ones ``agents`` computes. The critic is
+    a small MLP on the timestep, the mean-pooled prompt embedding and the latent average-pooled to
+    4x4.
+
+    SB3 defaults that do not fit a 3,072- to 16,384-dimensional Gaussian over the next latent are
+    handled here: there is no state-independent ``log_std`` parameter (sigma_t is the sampler's);
+    orthogonal re-initialisation is off (it would overwrite the pretrained UNet); the entropy,
+    D/2 (1 + log 2 pi) + D log sigma_t, does not depend on the parameters, so an entropy bonus
+    only shifts the loss (use ``ent_coef=0``); SB3 clips actions to the action box before stepping,
+    whose bound (``latent_bound``, 100) leaves the sampler's actions untouched.
+
+    Args:
+        denoising_policy: the actor, e.g. ``GaussianDenoisingPolicy.from_env(envs)``.
+        value_hidden: width of the critic's hidden layers.
+        other arguments: as ``ActorCriticPolicy`` (``net_arch``, ``log_std_init``, ``use_sde``
+            and the feature extractor are not used).
+    """
+
+    def __init__(
+        self,
+        observation_space: gym.spaces.Space,
+        action_space: gym.spaces.Space,
+        lr_schedule: Any,
+        denoising_policy: GaussianDenoisingPolicy,
+        value_hidden: int = 64,
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(denoising_policy, GaussianDenoisingPolicy):
+            raise TypeError(f"denoising_policy must be a GaussianDenoisingPolicy, got {type(denoising_policy).__name__}")
+        if kwargs.get("use_sde"):
+            raise ValueError("use_sde=True replaces the sampler's noise; allowed: use_sde=False")
+        # ActorCriticPolicy.__init__ ends by calling _build; these reach it before nn.Module's
+        # own attribute handling is ready, hence the plain object attributes.
+        object.__setattr__(self, "_pending_actor", denoising_policy)
+        object.__setattr__(self, "_pending_value_hidden", value_hidden)
+        kwargs["ortho_init"] = False
+        super().__init__(observation_space, action_space, lr_schedule, **kwargs)
+
+    def _build(self, lr_schedule: Any) -> None:
+        self.actor = self.__dict__.pop("_pending_actor")
+        hidden = self.__dict__.pop("_pending_value_hidden")
+        channels = self.observation_space["latent"].shape[0]
+        embedding_dim = self.observation_space["prompt_embedding"].shape[-1]
+        self.num_train_timesteps = float(self.observation_space["timestep"].high[0] + 1)
+        self.value_net = nn.Sequential(
+            nn.Linear(1 + embedding_dim + channels * 16, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, 1),
+        )
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        self.optimizer = self.optimizer_class(trainable, lr=lr_schedule(1), **self.optimizer_kwargs)
+
+    def predict_values(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        features = torch.cat(
+            [
+                obs["timestep"].reshape(-1, 1).float() / self.num_train_timesteps,
+                obs["prompt_embedding"].float().mean(dim=1),
+                nn.functional.adaptive_avg_pool2d(obs["latent"].float(), 4).flatten(1),
+            ],
+            dim=1,
+        )
+        return self.value_net(features)
+
+    def forward(
+        self, obs: dict[str, torch.Tensor], deterministic: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if deterministic:
+            actions = self.actor.mean(obs)
+            log_prob = self.actor.log_prob(obs, actions)
+        else:
+            actions, log_prob = self.actor.sample_with_log_prob(obs)
+        return actions.float(), self.predict_values(obs), log_prob
+
+    def evaluate_actions(
+        self, obs: dict[str, torch.Tensor], actions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        log_prob = self.actor.log_prob(obs, actions)
+        sigma = self.actor.std(obs)
+        num_dims = actions[0].numel()
+        entropy = num_dims * (0.5 * (1.0 + math.log(2.0 * math.pi)) + torch.log(sigma))
+        return self.predict_values(obs), log_prob, entropy
+
+    def _predict(self, observation: dict[str, torch.Tensor], deterministic: bool = False) -> torch.Tensor:
+        return self.forward(observation, deterministic)[0]

@@ -44,3 +44,34 @@ def test_sb3_ppo_runs_on_the_adapter_and_on_the_single_env(make_vec_env, make_en
     model = PPO("MultiInputPolicy", single, n_steps=NUM_STEPS, batch_size=4, n_epochs=1, seed=0, device="cpu")
     model.learn(total_timesteps=NUM_STEPS)
     assert model.num_timesteps == NUM_STEPS
+
+
+def test_sb3_ppo_with_the_diffusion_policy_updates_the_unet_and_stores_exact_log_likelihoods(make_vec_env):
+    import torch
+
+    from agents import GaussianDenoisingPolicy
+    from agents.sb3 import DiffusionActorCriticPolicy
+
+    envs = make_vec_env(num_envs=2, autoreset_mode=AutoresetMode.SAME_STEP)
+    actor = GaussianDenoisingPolicy.from_env(envs)
+    before = [p.detach().clone() for p in actor.backend.unet.parameters()]
+    model = PPO(DiffusionActorCriticPolicy, SB3VecEnvAdapter(envs), n_steps=NUM_STEPS, batch_size=4, n_epochs=1,
+                ent_coef=0.0, learning_rate=1e-4, seed=0, device="cpu", policy_kwargs={"denoising_policy": actor})
+    assert model.policy.actor is actor
+    model.learn(total_timesteps=2 * NUM_STEPS)
+    after = list(actor.backend.unet.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(after, before))
+
+    # Collect a fresh rollout without updating: SB3's stored log-likelihoods equal the policy's recomputation.
+    model.rollout_buffer.reset()
+    model.collect_rollouts(model.env, model._init_callback(None), model.rollout_buffer, n_rollout_steps=NUM_STEPS)
+    buffer = model.rollout_buffer
+    obs = {key: torch.as_tensor(value.reshape(-1, *value.shape[2:])) for key, value in buffer.observations.items()}
+    actions = torch.as_tensor(buffer.actions.reshape(-1, *buffer.actions.shape[2:]))
+    with torch.no_grad():
+        recomputed = actor.log_prob(obs, actions)
+        _, evaluated, entropy = model.policy.evaluate_actions(obs, actions)
+    stored = torch.as_tensor(buffer.log_probs.reshape(-1))
+    torch.testing.assert_close(recomputed, stored, rtol=1e-5, atol=1e-2)
+    torch.testing.assert_close(evaluated, stored, rtol=1e-5, atol=1e-2)
+    assert torch.isfinite(entropy).all()
