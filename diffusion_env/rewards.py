@@ -9,11 +9,17 @@ of B strings, ``metadata`` a list of B dicts (what the prompt set knows about ea
 ``rewards`` anything ``torch.as_tensor`` turns into B finite numbers, and ``details`` an optional
 dict of per-sample figures (each of length B) that the environment reports in ``info``.
 The environment calls it once per batch, wrapped in :class:`Reward`, which checks what it returns.
+
+Rewards are named in a registry (:func:`register`, :func:`register_factory` for rewards that load a
+model on first use, :func:`available_rewards`) and resolved by :func:`make_reward`, which also
+reads weighted combinations such as ``"jpeg_compressibility+0.5*colorfulness"``.
 """
 
 from __future__ import annotations
 
 import io
+import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -21,6 +27,8 @@ from typing import Any, Union
 import numpy as np
 import torch
 from PIL import Image
+
+from diffusion_env import scenes
 
 RewardOutput = Union[Any, tuple[Any, Mapping[str, Any]]]
 RewardFn = Callable[[torch.Tensor, Sequence[str], Sequence[Mapping[str, Any]]], RewardOutput]
@@ -64,29 +72,140 @@ def jpeg_incompressibility(
     return size, {"jpeg_kb": size}
 
 
+def colorfulness(
+    images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The colourfulness metric M of Hasler and Suesstrunk (2003), "Measuring colourfulness in natural images".
+
+    With rg = R - G and yb = (R + G) / 2 - B over the pixels (0..255 scale),
+    M = sqrt(std_rg^2 + std_yb^2) + 0.3 sqrt(mean_rg^2 + mean_yb^2); a grey image scores 0.
+    Computed in torch on the images' device, so a GPU batch is never copied to the host.
+    """
+    pixels = images.to(torch.float32).flatten(1, 2)  # (B, H*W, 3)
+    red, green, blue = pixels.unbind(dim=-1)
+    rg = red - green
+    yb = (red + green) / 2 - blue
+    # Population standard deviation (divide by N), as the paper's statistics over all pixels.
+    spread = torch.sqrt(rg.var(dim=1, unbiased=False) + yb.var(dim=1, unbiased=False))
+    offset = torch.sqrt(rg.mean(dim=1) ** 2 + yb.mean(dim=1) ** 2)
+    return spread + 0.3 * offset, {"colorfulness_spread": spread, "colorfulness_offset": offset}
+
+
+#: The prompt attributes that :func:`scene_alignment` checks (the scene metadata keys).
+SCENE_ALIGNMENT_KEYS: tuple[str, ...] = scenes.ATTRIBUTE_KEYS
+
+
+def scene_alignment(
+    images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Fraction of the prompt's scene attributes that the image shows, read by :func:`scenes.parse_scenes`.
+
+    An offline stand-in for the VLM prompt-alignment reward of the DDPO paper (Black et al., 2023,
+    Sec. 6.1), for the built-in "coloured shapes" scene model: each image is parsed back into
+    background, colour, shape, count and size, and scored by the fraction of the attributes its
+    prompt's metadata names that agree. Details: per attribute, 1.0 (match), 0.0 (mismatch) or
+    NaN (the prompt does not name it; use ``np.nanmean`` to average a detail over a batch).
+
+    Raises:
+        ValueError: if a sample's metadata names none of the scene attributes.
+    """
+    parsed = scenes.parse_scenes(images.cpu().numpy())
+    batch = len(parsed)
+    details = {f"scene_{key}": np.full(batch, np.nan, dtype=np.float32) for key in SCENE_ALIGNMENT_KEYS}
+    score = np.zeros(batch, dtype=np.float32)
+    for index, (scene, meta) in enumerate(zip(parsed, metadata)):
+        named = [key for key in SCENE_ALIGNMENT_KEYS if key in meta]
+        if not named:
+            raise ValueError(
+                f"sample {index} (prompt {prompts[index]!r}) has metadata keys {sorted(meta)}; "
+                f"scene_alignment needs at least one of {list(SCENE_ALIGNMENT_KEYS)} (use a scenes prompt set)"
+            )
+        for key in named:
+            details[f"scene_{key}"][index] = float(getattr(scene, key) == meta[key])
+        score[index] = np.mean([details[f"scene_{key}"][index] for key in named])
+    return score, details
+
+
 _REGISTRY: dict[str, RewardFn] = {
     "jpeg_compressibility": jpeg_compressibility,
     "jpeg_incompressibility": jpeg_incompressibility,
+    "colorfulness": colorfulness,
+    "scene_alignment": scene_alignment,
 }
+
+
+#: Rewards built on first use, e.g. ones that load a model: importing this module loads nothing.
+_FACTORIES: dict[str, Callable[[], RewardFn]] = {}
+
+
+def _check_free_name(name: str, overwrite: bool) -> None:
+    if (name in _REGISTRY or name in _FACTORIES) and not overwrite:
+        raise ValueError(f"reward {name!r} is already registered; pass overwrite=True to replace it")
+    if _COMBINATION_OPERATORS.search(name):
+        raise ValueError(
+            f"reward name {name!r} contains '+', '-' or '*', which make_reward reads as a combination; "
+            "allowed: letters, digits, '_' and '.'"
+        )
 
 
 def register(name: str, fn: RewardFn, overwrite: bool = False) -> None:
     """Makes ``fn`` available by ``name`` wherever a reward is named (e.g. ``gym.make(..., reward=name)``).
 
     Raises:
-        ValueError: if ``name`` is taken and ``overwrite`` is False.
+        ValueError: if ``name`` is taken and ``overwrite`` is False, or contains ``+ - *``.
         TypeError: if ``fn`` is not callable.
     """
     if not callable(fn):
         raise TypeError(f"reward {name!r} must be callable, got {type(fn).__name__}")
-    if name in _REGISTRY and not overwrite:
-        raise ValueError(f"reward {name!r} is already registered; pass overwrite=True to replace it")
+    _check_free_name(name, overwrite)
+    _FACTORIES.pop(name, None)
     _REGISTRY[name] = fn
 
 
+def register_factory(name: str, factory: Callable[[], RewardFn], overwrite: bool = False) -> None:
+    """Registers ``name`` for a reward that ``factory()`` builds the first time the name is resolved.
+
+    For rewards that load models or weights, so that registering them (at import) costs nothing;
+    the built reward is kept, so the model loads once per process.
+
+    Raises:
+        ValueError: if ``name`` is taken and ``overwrite`` is False, or contains ``+ - *``.
+        TypeError: if ``factory`` is not callable.
+    """
+    if not callable(factory):
+        raise TypeError(f"factory of reward {name!r} must be callable, got {type(factory).__name__}")
+    _check_free_name(name, overwrite)
+    _REGISTRY.pop(name, None)
+    _FACTORIES[name] = factory
+
+
+def _aesthetic() -> RewardFn:
+    """Builds the LAION aesthetic reward (DDPO, Black et al., 2023, Sec. 6.1) from its configured weights."""
+    # Imported on first use, so that importing the package loads neither transformers nor a model.
+    from diffusion_env.learned_rewards import aesthetic_from_environment
+
+    return aesthetic_from_environment()
+
+
 def available_rewards() -> list[str]:
-    """The registered reward names."""
-    return sorted(_REGISTRY)
+    """The registered reward names (built-in, registered and lazily built ones)."""
+    return sorted({*_REGISTRY, *_FACTORIES})
+
+
+def _registered(name: str) -> RewardFn:
+    """The reward registered as ``name``, built now if it was registered with a factory."""
+    if name not in _REGISTRY and name in _FACTORIES:
+        fn = _FACTORIES[name]()
+        if not callable(fn):
+            raise TypeError(f"the factory of reward {name!r} returned {type(fn).__name__}; allowed: a callable")
+        _REGISTRY[name] = fn
+        del _FACTORIES[name]
+    if name not in _REGISTRY:
+        raise ValueError(
+            f"unknown reward {name!r}; allowed: {available_rewards()}, a weighted combination such as "
+            "'jpeg_compressibility+0.5*colorfulness', or a callable (images, prompts, metadata) -> rewards"
+        )
+    return _REGISTRY[name]
 
 
 class Reward:
@@ -149,24 +268,117 @@ def _to_host(value: Any) -> Any:
     return value.detach().float().cpu().numpy() if isinstance(value, torch.Tensor) else value
 
 
-def make_reward(reward: str | RewardFn | Reward) -> Reward:
-    """Resolves a registered name, a callable or a :class:`Reward` into a checked :class:`Reward`.
+_COMBINATION_OPERATORS = re.compile(r"[+*]|-")
+_FLOAT = r"(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
+_TERM = re.compile(
+    rf"\s*(?P<sign>[+-])?\s*(?:(?P<weight>{_FLOAT})\s*\*\s*)?(?P<name>[A-Za-z_][A-Za-z0-9_.]*)\s*"
+)
+
+RewardTerm = tuple[Union[str, RewardFn, "Reward"], float]
+
+
+def parse_combination(expression: str) -> list[tuple[str, float]]:
+    """Reads ``"jpeg_compressibility+0.5*colorfulness-2e-1*scene_alignment"`` into (name, weight) terms.
+
+    Grammar: terms separated by ``+`` or ``-`` (the first may carry a sign), each ``name`` or
+    ``<float>*name``, with spaces allowed around operators; names are not checked here.
 
     Raises:
-        ValueError: for an unknown name (the message lists the registered ones).
-        TypeError: for anything that is neither a string nor callable.
+        ValueError: naming the position and the text that does not fit the grammar.
+    """
+    terms: list[tuple[str, float]] = []
+    position = 0
+    while position < len(expression):
+        match = _TERM.match(expression, position)
+        if match is None or (terms and match.group("sign") is None):
+            rest = expression[position:].strip() or "(end)"
+            expected = "'+' or '-' and a term" if terms else "a term"
+            raise ValueError(
+                f"cannot read reward combination {expression!r} at character {position} ({rest!r}); "
+                f"expected {expected}; allowed: terms 'name' or '<float>*name' joined by '+' or '-', "
+                "e.g. 'jpeg_compressibility+0.5*colorfulness'"
+            )
+        weight = float(match.group("weight")) if match.group("weight") else 1.0
+        terms.append((match.group("name"), -weight if match.group("sign") == "-" else weight))
+        position = match.end()
+    if not terms:
+        raise ValueError(
+            f"reward combination {expression!r} is empty; allowed: e.g. 'jpeg_compressibility+0.5*colorfulness'"
+        )
+    return terms
+
+
+class CombinedReward:
+    """A weighted sum of rewards, r = sum_i w_i r_i, each component checked by :class:`Reward`.
+
+    Weighted sums of several reward models are the usual way to trade objectives off in reward
+    fine-tuning (e.g. Fan et al., 2023, DPOK; Clark et al., 2024, DRaFT). The details hold each
+    component's reward under its name and the component's own details as ``"<name>/<key>"`` (so
+    that two components reporting the same key cannot overwrite each other).
+
+    Raises:
+        ValueError: for no terms, a non-finite weight, or a component named twice.
+    """
+
+    def __init__(self, terms: Sequence[RewardTerm]) -> None:
+        if len(terms) == 0:
+            raise ValueError("a reward combination needs at least one (reward, weight) term")
+        self.components: list[tuple[Reward, float]] = []
+        for term in terms:
+            if not isinstance(term, tuple) or len(term) != 2:
+                raise ValueError(f"reward combination term {term!r} is not a pair; allowed: (name_or_callable, weight)")
+            reward, weight = make_reward(term[0]), term[1]
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+                raise ValueError(f"weight of reward {reward.name!r} is {weight!r}; allowed: a finite number")
+            if any(reward.name == seen.name for seen, _ in self.components):
+                raise ValueError(
+                    f"reward {reward.name!r} appears twice in the combination; allowed: each once "
+                    "(add the weights into one term)"
+                )
+            self.components.append((reward, float(weight)))
+        self.__name__ = "+".join(f"{weight:g}*{reward.name}" for reward, weight in self.components).replace("+-", "-")
+
+    def __call__(
+        self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
+    ) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
+        total = torch.zeros(images.shape[0], dtype=torch.float32, device=images.device)
+        details: dict[str, np.ndarray] = {}
+        for reward, weight in self.components:
+            result = reward(images, prompts, metadata)
+            total = total + weight * result.rewards
+            details[reward.name] = result.rewards.cpu().numpy()
+            details.update({f"{reward.name}/{key}": value for key, value in result.details.items()})
+        return total, details
+
+
+def make_reward(reward: str | RewardFn | Reward | Sequence[RewardTerm]) -> Reward:
+    """Resolves a reward into a checked :class:`Reward`.
+
+    Accepts a registered name, a weighted combination of registered names
+    (``"jpeg_compressibility+0.5*colorfulness"``, see :func:`parse_combination`), a list of
+    ``(name_or_callable, weight)`` pairs, a callable or a :class:`Reward`.
+
+    Raises:
+        ValueError: for an unknown name (the message lists the registered ones) or a combination
+            that does not parse.
+        TypeError: for anything else.
     """
     if isinstance(reward, Reward):
         return reward
     if isinstance(reward, str):
-        if reward not in _REGISTRY:
-            raise ValueError(
-                f"unknown reward {reward!r}; allowed: {available_rewards()} or a callable "
-                "(images, prompts, metadata) -> rewards"
-            )
-        return Reward(_REGISTRY[reward], name=reward)
+        if reward not in _REGISTRY and reward not in _FACTORIES and _COMBINATION_OPERATORS.search(reward):
+            return Reward(CombinedReward(parse_combination(reward)), name=reward.replace(" ", ""))
+        return Reward(_registered(reward), name=reward)
     if callable(reward):
         return Reward(reward)
+    if isinstance(reward, (list, tuple)):
+        combined = CombinedReward(reward)
+        return Reward(combined, name=combined.__name__)
     raise TypeError(
-        f"reward must be a registered name {available_rewards()} or a callable, got {type(reward).__name__}"
+        f"reward must be a registered name {available_rewards()}, a combination such as "
+        f"'jpeg_compressibility+0.5*colorfulness', a list of (name_or_callable, weight) pairs or a "
+        f"callable, got {type(reward).__name__}"
     )
+
+
+register_factory("aesthetic", _aesthetic)
