@@ -68,14 +68,6 @@ class DDPOConfig:
             raise ValueError(f"kl_coefficient={self.kl_coefficient}; allowed: >= 0")
 
 
-def _check_finite(policy: GaussianDenoisingPolicy, loss: torch.Tensor) -> None:
-    if not bool(torch.isfinite(loss)):
-        raise NonFiniteError(f"the DDPO loss is {loss.item()}; stopping before the optimiser applies it")
-    for name, parameter in policy.named_parameters():
-        if parameter.grad is not None and not bool(torch.isfinite(parameter.grad).all()):
-            raise NonFiniteError(f"the gradient of {name} is not finite; stopping before the optimiser applies it")
-
-
 def ddpo_update(
     policy: GaussianDenoisingPolicy,
     trajectories: Trajectories,
@@ -127,14 +119,19 @@ def ddpo_update(
                 kl = policy.transition.kl_divergence(mean, reference_mean, step_indices).mean()
                 loss = loss + config.kl_coefficient * kl
                 stats["kl_to_reference"] = kl.detach()
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise NonFiniteError(f"the DDPO loss is {loss_value}; stopping before the optimiser applies it")
             (loss / config.gradient_accumulation).backward()
-            _check_finite(policy, loss)
-            figures.setdefault("loss", []).append(loss.item())
+            figures.setdefault("loss", []).append(loss_value)
             for key, value in stats.items():
                 figures.setdefault(key, []).append(float(value))
             if index % config.gradient_accumulation == 0 or index == len(minibatches):
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-                figures.setdefault("grad_norm", []).append(float(grad_norm))
+                # The total norm is NaN or inf as soon as one gradient entry is: one check covers all.
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm))
+                if not math.isfinite(grad_norm):
+                    raise NonFiniteError(f"the gradient norm is {grad_norm}; stopping before the optimiser applies it")
+                figures.setdefault("grad_norm", []).append(grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
     policy.eval()
