@@ -30,7 +30,11 @@ from agents.async_rollouts import collect_trajectories_async
 from diffusion_env.async_rewards import AsyncRewardEvaluator
 from diffusion_env.rewards import RewardFn, make_reward
 
-OFFLINE_REWARDS = ("jpeg_compressibility", "jpeg_incompressibility", "colorfulness", "scene_alignment")
+# prompt_alignment repeats the same batch, so it is timed with its text embeddings cached (as for
+# RL prompts, which recur); the scene parser then bounds it.
+OFFLINE_REWARDS = (
+    "jpeg_compressibility", "jpeg_incompressibility", "colorfulness", "scene_alignment", "prompt_alignment"
+)
 
 
 def scene_batch(batch_size: int, size: int, seed: int) -> tuple[torch.Tensor, list[str], list[dict[str, Any]]]:

@@ -187,6 +187,14 @@ def _aesthetic() -> RewardFn:
     return aesthetic_from_environment()
 
 
+def _prompt_alignment() -> RewardFn:
+    """Builds the DDPO prompt-alignment reward (Black et al., 2023, Sec. 6.3) with the offline scene captioner."""
+    # Imported on first use: the scorer loads the MiniLM encoder.
+    from diffusion_env.prompt_alignment import PromptAlignmentReward
+
+    return PromptAlignmentReward()
+
+
 def available_rewards() -> list[str]:
     """The registered reward names (built-in, registered and lazily built ones)."""
     return sorted({*_REGISTRY, *_FACTORIES})
@@ -382,3 +390,4 @@ def make_reward(reward: str | RewardFn | Reward | Sequence[RewardTerm]) -> Rewar
 
 
 register_factory("aesthetic", _aesthetic)
+register_factory("prompt_alignment", _prompt_alignment)
