@@ -25,8 +25,8 @@ import torch
 import diffusion_env  # noqa: F401  (registers DiffusionDenoise-v0)
 from agents import GaussianDenoisingPolicy
 from agents.rollouts import collect_trajectories
-from diffusion_env import scenes
 from agents.async_rollouts import collect_trajectories_async
+from diffusion_env import scenes
 from diffusion_env.async_rewards import AsyncRewardEvaluator
 from diffusion_env.rewards import RewardFn, make_reward
 
@@ -108,6 +108,28 @@ def time_async(batch_size: int, steps: int, batches: int, delay: float) -> float
     return elapsed
 
 
+def aesthetic_images_per_second(batch_size: int, size: int) -> float:
+    """Images/s of the aesthetic scorer on a randomly initialised CLIP ViT-L/14 (the real model's
+    architecture and cost; its weights cannot be downloaded here, and the speed does not depend on them)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from diffusion_env.learned_rewards import AestheticMLP, AestheticScorer
+
+    config = CLIPConfig(
+        vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                           patch_size=14, image_size=224),
+        text_config=dict(num_hidden_layers=1),  # unused by the image embedding
+        projection_dim=768,
+    )
+    processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
+    scorer = AestheticScorer(CLIPModel(config).eval(), processor, AestheticMLP(768), batch_size=batch_size)
+    images, prompts, metadata = scene_batch(batch_size, size, seed=0)
+    scorer(images, prompts, metadata)
+    start = time.perf_counter()
+    scorer(images, prompts, metadata)
+    return batch_size / (time.perf_counter() - start)
+
+
 def time_sampling(batch_size: int, steps: int, batches: int) -> float:
     """Seconds to collect ``batches`` batches with a free reward: the sampling time alone."""
     env = make_env(lambda images, prompts, metadata: np.zeros(len(prompts)), batch_size, steps)
@@ -136,6 +158,9 @@ def main() -> None:
     for name in OFFLINE_REWARDS:
         rate = reward_images_per_second(name, args.batch_size, args.image_size, args.repeats)
         print(f"  {name:24s} {rate:12,.0f} images/s")
+    aesthetic_batch = min(args.batch_size, 16)
+    rate = aesthetic_images_per_second(aesthetic_batch, args.image_size)
+    print(f"  {'aesthetic (ViT-L/14)':24s} {rate:12,.1f} images/s (batch {aesthetic_batch}, random weights)")
 
     print(f"\ncollection of {args.batches} batches x {args.batch_size} samples x {args.steps} steps, "
           f"model tiny-random, reward sleeping {args.delay} s per batch")
