@@ -82,9 +82,9 @@ def make_env(reward: str | RewardFn, batch_size: int, steps: int) -> gym.vector.
     )
 
 
-def time_sync(batch_size: int, steps: int, batches: int, delay: float) -> float:
-    """Seconds to collect ``batches`` batches, each waiting for its own reward."""
-    env = make_env(slow_reward(delay), batch_size, steps)
+def time_sync(reward: RewardFn, batch_size: int, steps: int, batches: int) -> float:
+    """Seconds to collect ``batches`` batches, each waiting for its own ``reward``."""
+    env = make_env(reward, batch_size, steps)
     policy = GaussianDenoisingPolicy.from_env(env)
     start = time.perf_counter()
     for index in range(batches):
@@ -130,18 +130,6 @@ def aesthetic_images_per_second(batch_size: int, size: int) -> float:
     return batch_size / (time.perf_counter() - start)
 
 
-def time_sampling(batch_size: int, steps: int, batches: int) -> float:
-    """Seconds to collect ``batches`` batches with a free reward: the sampling time alone."""
-    env = make_env(lambda images, prompts, metadata: np.zeros(len(prompts)), batch_size, steps)
-    policy = GaussianDenoisingPolicy.from_env(env)
-    start = time.perf_counter()
-    for index in range(batches):
-        collect_trajectories(env, policy, seed=0 if index == 0 else None)
-    elapsed = time.perf_counter() - start
-    env.close()
-    return elapsed
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -164,8 +152,9 @@ def main() -> None:
 
     print(f"\ncollection of {args.batches} batches x {args.batch_size} samples x {args.steps} steps, "
           f"model tiny-random, reward sleeping {args.delay} s per batch")
-    sampling = time_sampling(args.batch_size, args.steps, args.batches)
-    synchronous = time_sync(args.batch_size, args.steps, args.batches, args.delay)
+    free_reward = lambda images, prompts, metadata: np.zeros(len(prompts))  # noqa: E731
+    sampling = time_sync(free_reward, args.batch_size, args.steps, args.batches)
+    synchronous = time_sync(slow_reward(args.delay), args.batch_size, args.steps, args.batches)
     asynchronous = time_async(args.batch_size, args.steps, args.batches, args.delay)
     per_batch = sampling / args.batches
     ideal = args.batches * max(per_batch, args.delay) + min(per_batch, args.delay)
