@@ -75,3 +75,16 @@ def test_sb3_ppo_with_the_diffusion_policy_updates_the_unet_and_stores_exact_log
     torch.testing.assert_close(recomputed, stored, rtol=1e-5, atol=1e-2)
     torch.testing.assert_close(evaluated, stored, rtol=1e-5, atol=1e-2)
     assert torch.isfinite(entropy).all()
+
+
+def test_sb3_a2c_runs_with_the_diffusion_policy(make_vec_env):
+    from stable_baselines3 import A2C
+
+    from agents import GaussianDenoisingPolicy
+    from agents.sb3 import DiffusionActorCriticPolicy
+
+    envs = make_vec_env(num_envs=2, autoreset_mode=AutoresetMode.SAME_STEP)
+    model = A2C(DiffusionActorCriticPolicy, SB3VecEnvAdapter(envs), n_steps=NUM_STEPS, ent_coef=0.0, seed=0,
+                device="cpu", policy_kwargs={"denoising_policy": GaussianDenoisingPolicy.from_env(envs)})
+    model.learn(total_timesteps=2 * NUM_STEPS)
+    assert model.num_timesteps == 2 * NUM_STEPS
