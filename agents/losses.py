@@ -72,8 +72,11 @@ def sparse_reward_weights(rewards: torch.Tensor, percentile: float) -> torch.Ten
 
 
 def weighted_denoising_loss(
-    predicted_noise: torch.Tensor, noise: torch.Tensor, weights: torch.Tensor
+    prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:
-    """RWR's objective: the weighted denoising (epsilon-matching) loss sum_i w_i ||eps_hat_i - eps_i||^2 / (B D)."""
-    per_sample = (predicted_noise.float() - noise.float()).square().flatten(1).mean(dim=1)
+    """RWR's objective: the weighted denoising loss sum_i w_i ||prediction_i - target_i||^2 / (B D).
+
+    The target is what the network predicts: the noise eps, v, or the clean sample.
+    """
+    per_sample = (prediction.float() - target.float()).square().flatten(1).mean(dim=1)
     return (weights * per_sample).mean()

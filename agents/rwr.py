@@ -65,10 +65,6 @@ def rwr_update(
         else sparse_reward_weights(rewards, config.percentile)
     )
     scheduler = policy.backend.scheduler
-    if scheduler.config.prediction_type != "epsilon":
-        raise ValueError(
-            f"RWR's denoising loss is written for epsilon-prediction; the model predicts {scheduler.config.prediction_type!r}"
-        )
     clean = trajectories.latents[:, -1]
     device = clean.device
     trainable = [p for p in policy.parameters() if p.requires_grad]
@@ -84,7 +80,15 @@ def rwr_update(
             ).to(device)
             noisy = scheduler.add_noise(clean[samples], noise, timesteps)
             predicted = policy.backend.predict(noisy, timesteps, trajectories.prompt_embeds[samples], 1.0)
-            loss = weighted_denoising_loss(predicted, noise, weights[samples])
+            # The regression target in the network's own parametrisation: eps, or v for v-prediction.
+            prediction_type = scheduler.config.prediction_type
+            if prediction_type == "v_prediction":
+                target = scheduler.get_velocity(clean[samples], noise, timesteps)
+            elif prediction_type == "sample":
+                target = clean[samples]
+            else:
+                target = noise
+            loss = weighted_denoising_loss(predicted, target, weights[samples])
             if not bool(torch.isfinite(loss)):
                 raise NonFiniteError(f"the RWR loss is {loss.item()}; stopping before the optimiser applies it")
             optimizer.zero_grad(set_to_none=True)

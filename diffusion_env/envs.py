@@ -21,7 +21,7 @@ from diffusion_env.rewards import Reward, RewardFn
 
 ArrayType = Literal["numpy", "torch"]
 
-DEFAULT_MODEL = "tiny-random"
+DEFAULT_MODEL = "shapes32"
 DEFAULT_REWARD = "jpeg_compressibility"
 DEFAULT_PROMPTS = "scenes_train"
 
@@ -97,7 +97,7 @@ class DiffusionDenoiseEnv(gym.Env):
 
     ## Arguments
 
-    - ``model``: a registered model name or a ``DenoiserBackend`` (default ``"tiny-random"``).
+    - ``model``: a registered model name or a ``DenoiserBackend`` (default ``"shapes32"``, the built-in model).
     - ``reward``: a registered reward name or a callable ``(images, prompts, metadata) -> rewards``.
     - ``prompts``: a prompt-set name, a list of prompts or a ``PromptSet``.
     - ``num_inference_steps``: K (default 20).

@@ -198,7 +198,15 @@ def tiny_random_denoiser(sample_size: int = 16, seed: int = 0) -> PixelUNetDenoi
     return PixelUNetDenoiser(unet, scheduler, prompt_encoder, default_guidance_scale=1.0)
 
 
+def shapes32_denoiser() -> DenoiserBackend:
+    """The built-in 32x32 scene model with its shipped weights (see :mod:`diffusion_env.builtin_model`)."""
+    from diffusion_env.builtin_model import load_builtin_denoiser  # it imports this module
+
+    return load_builtin_denoiser()
+
+
 MODELS: dict[str, Callable[[], DenoiserBackend]] = {
+    "shapes32": shapes32_denoiser,
     "tiny-random": tiny_random_denoiser,
 }
 

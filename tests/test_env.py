@@ -175,7 +175,7 @@ def test_render_shows_the_decoded_x0_prediction(make_env):
 def test_direct_construction_matches_the_registered_defaults():
     env = DiffusionDenoiseEnv(num_inference_steps=3)
     obs, info = env.reset(seed=0)
-    assert obs["latent"].shape == (3, 16, 16)
+    assert obs["latent"].shape == (3, 32, 32)  # the built-in model
     assert env.unwrapped.core.reward.name == "jpeg_compressibility"
 
 

@@ -1,0 +1,150 @@
+"""Pretraining machinery on a tiny UNet: steps, checkpoints, exact resumption, export and loading."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diffusion_env import builtin_model, pretrain
+from diffusion_env.models import PixelUNetDenoiser
+
+# A 32x32 UNet of a few thousand parameters with the built-in model's kinds of conditioning
+# (cross-attention and the pooled text embedding): a step takes milliseconds.
+TINY_UNET = {
+    "sample_size": 32,
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [8, 16],
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+    "cross_attention_dim": builtin_model.PROMPT_HIDDEN_SIZE,
+    "attention_head_dim": 8,
+    "addition_embed_type": "text",
+    "addition_embed_type_num_heads": 2,
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Bit-exact comparisons need the same reduction order in every run of a test.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_config(output_dir: Path, steps: int, **changes) -> pretrain.TrainConfig:
+    return pretrain.TrainConfig(
+        output_dir=output_dir,
+        steps=steps,
+        batch_size=4,
+        warmup_steps=2,
+        checkpoint_every=2,
+        export_dir=None,
+        unet_config=dict(TINY_UNET),
+        **changes,
+    )
+
+
+def parameters(state: pretrain.TrainState) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in state.unet.named_parameters()}
+
+
+def test_steps_are_finite_and_write_a_checkpoint(tmp_path):
+    before = parameters(pretrain.new_state(tiny_config(tmp_path, 2)))
+    state = pretrain.train(tiny_config(tmp_path, 2), progress=False)
+    assert state.step == 2 and len(state.losses) == 2
+    assert all(np.isfinite(state.losses))
+    after = parameters(state)
+    assert all(torch.isfinite(p).all() for p in after.values())
+    assert any(not torch.equal(before[n], after[n]) for n in after), "training changed nothing"
+    assert pretrain.latest_checkpoint(tmp_path).name == "step-0000002"
+    assert (tmp_path / "loss.png").stat().st_size > 0
+
+
+def test_resume_continues_bit_for_bit(tmp_path):
+    straight = pretrain.train(tiny_config(tmp_path / "straight", 4), progress=False)
+
+    pretrain.train(tiny_config(tmp_path / "split", 2), progress=False)
+    # A new process would start from nothing but the files: so does this call.
+    resumed = pretrain.train(tiny_config(tmp_path / "split", 4), resume=True, progress=False)
+
+    assert resumed.step == 4
+    assert resumed.losses == straight.losses
+    for name, value in parameters(straight).items():
+        assert torch.equal(parameters(resumed)[name], value), name
+    for a, b in zip(straight.ema.shadow_params, resumed.ema.shadow_params):
+        assert torch.equal(a, b)
+
+
+def test_resume_without_checkpoint_says_how_to_start(tmp_path):
+    with pytest.raises(FileNotFoundError, match="without --resume"):
+        pretrain.train(tiny_config(tmp_path, 2), resume=True, progress=False)
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    config = tiny_config(tmp_path, 2)
+    state = pretrain.train(config, progress=False)
+    saved = parameters(state)
+
+    pretrain.train_step(state, config, builtin_model.make_scheduler(), builtin_model.make_prompt_encoder())
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed while writing")
+
+    # The UNet and EMA files are written; the process dies while writing the last file.
+    monkeypatch.setattr(pretrain.torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.save_checkpoint(state, config)
+    monkeypatch.undo()
+
+    _, restored = pretrain.load_checkpoint(tmp_path)
+    assert restored.step == 2
+    for name, value in saved.items():
+        assert torch.equal(parameters(restored)[name], value), name
+    leftovers = [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+
+
+def test_exported_ema_round_trips_through_load_builtin_denoiser(tmp_path):
+    config = dataclasses.replace(tiny_config(tmp_path / "run", 2), export_dir=tmp_path / "weights")
+    state = pretrain.train(config, progress=False)
+    assert (tmp_path / "weights" / "diffusion_pytorch_model.safetensors").is_file()
+
+    denoiser = builtin_model.load_builtin_denoiser(tmp_path / "weights")
+    assert isinstance(denoiser, PixelUNetDenoiser)
+    assert denoiser.default_guidance_scale == builtin_model.DEFAULT_GUIDANCE_SCALE
+    expected = pretrain.ema_unet(state).state_dict()
+    for name, value in denoiser.unet.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+
+    agreement, images = pretrain.evaluate(denoiser, pretrain.evaluation_prompts(2), guidance_scale=3.0)
+    assert set(agreement) >= {"background", "color", "shape"}
+    assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8
+
+
+def test_missing_weights_say_how_to_produce_them(tmp_path):
+    with pytest.raises(FileNotFoundError, match="diffusion_env.pretrain"):
+        builtin_model.load_builtin_denoiser(tmp_path)
+
+
+def test_builtin_scheduler_keeps_every_step_stochastic():
+    from diffusion_env.transition import GaussianTransition
+
+    transition = GaussianTransition(builtin_model.make_scheduler(), num_inference_steps=20, eta=1.0)
+    assert bool((transition.sigma > 0).all())
+
+
+def test_help_lists_the_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--steps", "--batch-size", "--lr", "--resume", "--cfg-dropout", "--threads", "--evaluate"):
+        assert option in text
