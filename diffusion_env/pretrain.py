@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from diffusion_env import builtin_model, scenes
+from diffusion_env.images import image_grid
 from diffusion_env.models import PixelUNetDenoiser
 from diffusion_env.text_encoders import TransformerPromptEncoder
 
@@ -470,13 +471,7 @@ def save_grid(images: np.ndarray, path: Path, columns: int = 8, scale: int = 3) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n, h, w, _ = images.shape
-    rows = -(-n // columns)
-    grid = np.full((rows * (h + 2), columns * (w + 2), 3), 128, dtype=np.uint8)
-    for i, image in enumerate(images):
-        r, c = divmod(i, columns)
-        grid[r * (h + 2) + 1 : r * (h + 2) + 1 + h, c * (w + 2) + 1 : c * (w + 2) + 1 + w] = image
-    grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
+    grid = image_grid(images, columns, padding=1, fill=128).repeat(scale, axis=0).repeat(scale, axis=1)
     plt.imsave(path, grid)
 
 

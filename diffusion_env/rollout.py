@@ -10,28 +10,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import gymnasium as gym
-import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
 
 import diffusion_env  # noqa: F401  (registers DiffusionDenoise-v0)
 from agents import GaussianDenoisingPolicy
-
-
-def image_grid(images: np.ndarray, columns: int) -> Image.Image:
-    """Tiles uint8 images ``(B, H, W, 3)`` row by row into one picture."""
-    count, height, width, _ = images.shape
-    rows = math.ceil(count / columns)
-    grid = np.zeros((rows * height, columns * width, 3), dtype=np.uint8)
-    for index, image in enumerate(images):
-        row, column = divmod(index, columns)
-        grid[row * height : (row + 1) * height, column * width : (column + 1) * width] = image
-    return Image.fromarray(grid)
+from diffusion_env.images import image_grid
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -75,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     images = step_info["image"].cpu().numpy()
     args.out.mkdir(parents=True, exist_ok=True)
-    grid = image_grid(images, columns=min(8, args.num_envs))
+    grid = Image.fromarray(image_grid(images, columns=min(8, args.num_envs)))
     grid.resize((grid.width * args.upscale, grid.height * args.upscale), Image.NEAREST).save(args.out / "samples.png")
     details = {k: v for k, v in step_info["reward_details"].items() if not k.startswith("_")}
     records = [

@@ -6,6 +6,7 @@ import numpy as np
 from PIL import Image
 
 from diffusion_env import rollout
+from diffusion_env.images import image_grid
 
 
 def test_rollout_saves_a_grid_and_one_record_per_image(tmp_path):
@@ -22,7 +23,11 @@ def test_rollout_saves_a_grid_and_one_record_per_image(tmp_path):
 
 def test_image_grid_tiles_row_by_row():
     images = np.arange(5 * 2 * 2 * 3, dtype=np.uint8).reshape(5, 2, 2, 3)
-    grid = np.asarray(rollout.image_grid(images, columns=3))
+    grid = image_grid(images, columns=3)
     assert grid.shape == (4, 6, 3)
     np.testing.assert_array_equal(grid[2:4, 2:4], images[4])
     assert (grid[2:4, 4:6] == 0).all()
+    padded = image_grid(images, columns=3, padding=1, fill=128)
+    assert padded.shape == (8, 12, 3)
+    np.testing.assert_array_equal(padded[5:7, 5:7], images[4])
+    assert (padded[4] == 128).all()
