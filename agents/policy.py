@@ -68,6 +68,24 @@ class GaussianDenoisingPolicy(nn.Module):
     def device(self) -> torch.device:
         return self.backend.device
 
+    def add_lora(self, rank: int, target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")) -> dict[str, nn.Parameter]:
+        """Freezes the network and adds LoRA adapters (Hu et al., 2021) through peft; returns them.
+
+        As DDPO fine-tunes Stable Diffusion: rank-``rank`` updates of the attention projections,
+        ``lora_alpha = rank`` (scale 1), B initialised to zero so that the policy starts exactly at
+        the pretrained one. Only the returned parameters require gradients afterwards.
+        """
+        from peft import LoraConfig
+
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank={rank!r}; allowed: an int >= 1")
+        network = self.backend.trainable_module()
+        network.requires_grad_(False)
+        network.add_adapter(
+            LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(target_modules))
+        )
+        return {name: p for name, p in network.named_parameters() if p.requires_grad}
+
     def _inputs(self, observation: Observation) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(latents, timesteps, step indices, prompt embeddings) as batched tensors on the device."""
         missing = {"latent", "timestep", "prompt_embedding"} - set(observation)

@@ -8,7 +8,8 @@ then recomputes log-likelihoods for (sample, timestep) pairs, batched across bot
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import gymnasium as gym
 import torch
@@ -28,6 +29,8 @@ class Trajectories:
         prompt_embeds: ``(B, L, D)``.
         prompts: B prompt strings.
         rewards: ``(B,)`` float32, the final reward.
+        images: ``(B, H, W, 3)`` uint8, the decoded final images (``None`` if not kept).
+        metadata: the prompts' metadata (e.g. the scene attributes), as the reward received it.
     """
 
     latents: torch.Tensor
@@ -36,6 +39,23 @@ class Trajectories:
     prompt_embeds: torch.Tensor
     prompts: list[str]
     rewards: torch.Tensor
+    images: torch.Tensor | None = None
+    metadata: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def concatenate(cls, batches: list[Trajectories]) -> Trajectories:
+        """One batch of all the trajectories of ``batches`` (all with the same K and shapes)."""
+        images = [b.images for b in batches]
+        return cls(
+            latents=torch.cat([b.latents for b in batches]),
+            timesteps=torch.cat([b.timesteps for b in batches]),
+            log_probs=torch.cat([b.log_probs for b in batches]),
+            prompt_embeds=torch.cat([b.prompt_embeds for b in batches]),
+            prompts=[p for b in batches for p in b.prompts],
+            rewards=torch.cat([b.rewards for b in batches]),
+            images=None if any(i is None for i in images) else torch.cat(images),
+            metadata=[m for b in batches for m in b.metadata],
+        )
 
     @property
     def batch_size(self) -> int:
@@ -91,12 +111,12 @@ def collect_trajectories(
         )
     core = env.unwrapped.core
     obs, _ = env.reset(seed=seed)
-    prompts, prompt_embeds = list(core.prompts), core.prompt_embeds
+    prompts, metadata, prompt_embeds = list(core.prompts), list(core.metadata), core.prompt_embeds
     latents, timesteps, log_probs = [obs["latent"]], [], []
     for _ in range(core.num_steps):
         timesteps.append(core.timesteps().clone())
         action, log_prob = policy.sample_with_log_prob(obs, generator=generator)
-        obs, rewards, _, _, _ = env.step(action)
+        obs, rewards, _, _, info = env.step(action)
         latents.append(action)
         log_probs.append(log_prob)
     return Trajectories(
@@ -106,4 +126,6 @@ def collect_trajectories(
         prompt_embeds=prompt_embeds,
         prompts=prompts,
         rewards=rewards,
+        images=info["image"],
+        metadata=metadata,
     )

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import shutil
+import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,11 +33,16 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import diffusion_env  # noqa: F401  (registers DiffusionDenoise-v0)
-from agents.advantages import PerPromptStatTracker, batch_normalized_advantages, clip_advantages
+from agents.advantages import (
+    PerPromptStatTracker,
+    batch_normalized_advantages,
+    clip_advantages,
+)
 from agents.ddpo import DDPOConfig, NonFiniteError, ddpo_update
 from agents.policy import GaussianDenoisingPolicy
 from agents.rollouts import Trajectories, collect_trajectories
 from agents.rwr import RWRConfig, rwr_update
+from diffusion_env.rewards import make_reward
 
 ALGORITHMS = ("ddpo-is", "ddpo-sf", "rwr")
 
@@ -52,6 +58,7 @@ class TrainConfig:
     epochs: int = field(default=10, metadata={"help": "training epochs"})
     num_envs: int = field(default=16, metadata={"help": "trajectories sampled per batch"})
     batches_per_epoch: int = field(default=4, metadata={"help": "batches sampled per epoch"})
+    samples_per_prompt: int = field(default=1, metadata={"help": "samples of each prompt in a batch (divides num_envs)"})
     num_inference_steps: int = field(default=20, metadata={"help": "denoising steps per trajectory"})
     eta: float = field(default=1.0, metadata={"help": "DDIM eta in (0, 1]"})
     guidance_scale: float | None = field(default=None, metadata={"help": "classifier-free guidance (default: model's)"})
@@ -72,6 +79,10 @@ class TrainConfig:
     rwr_weighting: str = field(default="exponential", metadata={"help": "RWR weights: exponential or sparse"})
     rwr_beta: float = field(default=1.0, metadata={"help": "RWR inverse temperature"})
     rwr_percentile: float = field(default=90.0, metadata={"help": "sparse RWR threshold percentile"})
+    monitor: str | None = field(
+        default=None,
+        metadata={"help": "reward scored on each epoch's images for logging only (charts/monitor/...), e.g. scene_alignment"},
+    )
     seed: int = field(default=0, metadata={"help": "seed of prompts, noise and minibatch order"})
     device: str = field(default="cuda" if torch.cuda.is_available() else "cpu", metadata={"help": "torch device"})
     checkpoint_every: int = field(default=1, metadata={"help": "epochs between checkpoints"})
@@ -127,26 +138,18 @@ class Run:
             guidance_scale=config.guidance_scale,
             device=config.device,
             array_type="torch",
+            samples_per_prompt=config.samples_per_prompt,
             **model_kwargs,
         )
         self.env.reset(seed=config.seed)
         self.policy = GaussianDenoisingPolicy.from_env(self.env)
         self.reference_policy = copy.deepcopy(self.policy).requires_grad_(False) if config.kl_coefficient > 0 else None
-        unet = self.policy.backend.trainable_module()
         if config.lora_rank > 0:
-            from peft import LoraConfig
-
-            unet.requires_grad_(False)
-            unet.add_adapter(
-                LoraConfig(
-                    r=config.lora_rank,
-                    lora_alpha=config.lora_rank,
-                    init_lora_weights="gaussian",
-                    target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                )
-            )
-        self.trainable = {name: p for name, p in unet.named_parameters() if p.requires_grad}
+            self.trainable = self.policy.add_lora(config.lora_rank)
+        else:
+            self.trainable = dict(self.policy.backend.trainable_module().named_parameters())
         self.optimizer = torch.optim.AdamW(self.trainable.values(), lr=config.learning_rate)
+        self.monitor = None if config.monitor is None else make_reward(config.monitor)
         self.tracker = PerPromptStatTracker(config.tracker_buffer_size, config.tracker_min_count)
         self.sample_generator = torch.Generator(device=config.device).manual_seed(config.seed)
         self.update_generator = torch.Generator().manual_seed(config.seed + 1)
@@ -210,17 +213,11 @@ class Run:
     # ------------------------------------------------------------------ one epoch
 
     def collect(self) -> Trajectories:
-        batches = [
-            collect_trajectories(self.env, self.policy, generator=self.sample_generator)
-            for _ in range(self.config.batches_per_epoch)
-        ]
-        return Trajectories(
-            latents=torch.cat([b.latents for b in batches]),
-            timesteps=torch.cat([b.timesteps for b in batches]),
-            log_probs=torch.cat([b.log_probs for b in batches]),
-            prompt_embeds=torch.cat([b.prompt_embeds for b in batches]),
-            prompts=[p for b in batches for p in b.prompts],
-            rewards=torch.cat([b.rewards for b in batches]),
+        return Trajectories.concatenate(
+            [
+                collect_trajectories(self.env, self.policy, generator=self.sample_generator)
+                for _ in range(self.config.batches_per_epoch)
+            ]
         )
 
     def train_epoch(self) -> tuple[dict[str, float], Trajectories]:
@@ -241,9 +238,31 @@ class Run:
             if not bool(torch.isfinite(parameter).all()):
                 raise NonFiniteError(f"parameter {name} is not finite after epoch {self.epoch + 1}; stopping")
         rewards = samples.rewards.float()
-        figures.update({"charts/reward_mean": float(rewards.mean()), "charts/reward_std": float(rewards.std())})
+        figures.update(
+            {
+                "charts/reward_mean": float(rewards.mean()),
+                "charts/reward_std": float(rewards.std()),
+                "charts/reward_queries": float((self.epoch + 1) * samples.batch_size),
+            }
+        )
+        if self.monitor is not None:
+            figures.update(self.monitor_figures(samples))
         self.epoch += 1
         return figures, samples
+
+    def monitor_figures(self, samples: Trajectories) -> dict[str, float]:
+        """The monitoring reward's mean on the epoch's images, and the mean of each of its details.
+
+        Details are averaged over the samples where they are defined (e.g. ``scene_count`` only
+        for prompts that name a count).
+        """
+        result = self.monitor(samples.images, samples.prompts, samples.metadata)
+        figures = {f"charts/monitor/{self.monitor.name}": float(result.rewards.float().mean())}
+        for key, values in result.details.items():
+            defined = values[np.isfinite(values)]
+            if defined.size:
+                figures[f"charts/monitor/{key}"] = float(defined.mean())
+        return figures
 
 
 # ---------------------------------------------------------------------------- outputs
@@ -273,7 +292,7 @@ def save_sample_grid(samples: Trajectories, decode: Any, path: Path, count: int 
 
 
 def save_reward_curve(history: list[dict[str, float]], path: Path) -> None:
-    """Mean reward (with one standard deviation) per epoch."""
+    """Mean reward (with one standard deviation) per epoch; beside it the monitored figures, if any."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -282,12 +301,23 @@ def save_reward_curve(history: list[dict[str, float]], path: Path) -> None:
     epochs = np.arange(1, len(history) + 1)
     mean = np.array([h["charts/reward_mean"] for h in history])
     std = np.array([h["charts/reward_std"] for h in history])
-    figure, axis = plt.subplots(figsize=(6, 4))
+    monitored = sorted({key for h in history for key in h if key.startswith("charts/monitor/")})
+    figure, axes = plt.subplots(1, 2 if monitored else 1, figsize=(11 if monitored else 6, 4), squeeze=False)
+    axis = axes[0, 0]
     axis.plot(epochs, mean, marker="o")
     axis.fill_between(epochs, mean - std, mean + std, alpha=0.2)
     axis.set_xlabel("epoch")
     axis.set_ylabel("reward")
     axis.grid(alpha=0.3)
+    if monitored:
+        axis = axes[0, 1]
+        for key in monitored:
+            values = [h.get(key, np.nan) for h in history]
+            axis.plot(epochs, values, marker=".", label=key.removeprefix("charts/monitor/"))
+        axis.set_xlabel("epoch")
+        axis.set_ylabel("monitored (not trained on)")
+        axis.legend(fontsize=7)
+        axis.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -306,7 +336,9 @@ def train(config: TrainConfig, output_dir: Path, resume: bool = False) -> list[d
     writer = SummaryWriter(str(output_dir / "tensorboard"), purge_step=run.epoch + 1)
     with tqdm(total=config.epochs, initial=run.epoch, desc=config.algorithm) as progress:
         while run.epoch < config.epochs:
+            started = time.perf_counter()
             figures, samples = run.train_epoch()
+            figures["charts/epoch_seconds"] = time.perf_counter() - started
             run.history.append(figures)
             for key, value in figures.items():
                 writer.add_scalar(key, value, run.epoch)

@@ -62,6 +62,9 @@ class DenoisingCore:
         device: where the model and the state live (default: the model's device).
         dtype: the model's and the latents' dtype (default: the model's dtype).
         latent_bound: actions and observed latents lie in [-latent_bound, latent_bound].
+        samples_per_prompt: each reset draws N / samples_per_prompt prompts and gives each one to
+            that many consecutive episodes (with their own noise), so that rewards can be compared
+            among samples of the same prompt (DDPO's per-prompt statistics, GRPO-style groups).
     """
 
     def __init__(
@@ -76,9 +79,20 @@ class DenoisingCore:
         device: torch.device | str | None,
         dtype: torch.dtype | None,
         latent_bound: float,
+        samples_per_prompt: int = 1,
     ) -> None:
         if isinstance(num_envs, bool) or not isinstance(num_envs, int) or num_envs < 1:
             raise ValueError(f"num_envs must be a positive int, got {num_envs!r}")
+        if (
+            isinstance(samples_per_prompt, bool)
+            or not isinstance(samples_per_prompt, int)
+            or samples_per_prompt < 1
+            or num_envs % samples_per_prompt
+        ):
+            raise ValueError(
+                f"samples_per_prompt={samples_per_prompt!r} with num_envs={num_envs}; allowed: a positive "
+                "int that divides num_envs"
+            )
         latent_bound = float(latent_bound)
         if not math.isfinite(latent_bound) or latent_bound <= 0:
             raise ValueError(f"latent_bound must be a finite number > 0, got {latent_bound}")
@@ -94,6 +108,7 @@ class DenoisingCore:
             raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}")
         self.guidance_scale = guidance_scale
         self.num_envs = num_envs
+        self.samples_per_prompt = samples_per_prompt
         self.latent_bound = latent_bound
         self.num_steps = num_inference_steps
         self.generator = torch.Generator(device=self.device)
@@ -164,7 +179,9 @@ class DenoisingCore:
 
     def reset(self, rng: np.random.Generator) -> None:
         """Starts N new episodes: prompts drawn from ``rng``, x_T ~ N(0, I) from a generator seeded by it."""
-        prompts, metadata = self.prompt_set.sample(self.num_envs, rng)
+        drawn, drawn_metadata = self.prompt_set.sample(self.num_envs // self.samples_per_prompt, rng)
+        prompts = [prompt for prompt in drawn for _ in range(self.samples_per_prompt)]
+        metadata = [dict(meta) for meta in drawn_metadata for _ in range(self.samples_per_prompt)]
         prompt_embeds = self.backend.encode_prompts(prompts)
         self.generator.manual_seed(int(rng.integers(2**63)))
         # DDIM/DDPM start from pure noise scaled by the scheduler's init_noise_sigma (1 for both).

@@ -182,6 +182,9 @@ class DiffusionDenoiseVectorEnv(VectorEnv):
       the terminal one in ``info["final_obs"]`` and its info in ``info["final_info"]``).
     - ``array_type``: ``"numpy"`` (default) or ``"torch"``: actions, observations, rewards and
       flags are then torch tensors on the environment's device, with no copy to the host.
+    - ``samples_per_prompt``: G (default 1). Each reset draws N / G prompts and gives each to G
+      consecutive environments (different noise), so that an algorithm can compare samples of
+      the same prompt (per-prompt advantages); G must divide N.
 
     All N episodes share the step index, so they end together. One seeded generator draws the
     whole batch: ``reset(seed=s)`` with N = 1 reproduces the single environment's ``reset(seed=s)``.
@@ -205,6 +208,7 @@ class DiffusionDenoiseVectorEnv(VectorEnv):
         render_mode: str | None = None,
         autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
         array_type: ArrayType = "numpy",
+        samples_per_prompt: int = 1,
     ) -> None:
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode={render_mode!r}; allowed: {self.metadata['render_modes']} or None")
@@ -218,7 +222,17 @@ class DiffusionDenoiseVectorEnv(VectorEnv):
         if array_type not in ("numpy", "torch"):
             raise ValueError(f"array_type={array_type!r}; allowed: 'numpy' or 'torch'")
         self.core = DenoisingCore(
-            num_envs, model, reward, prompts, num_inference_steps, eta, guidance_scale, device, dtype, latent_bound
+            num_envs,
+            model,
+            reward,
+            prompts,
+            num_inference_steps,
+            eta,
+            guidance_scale,
+            device,
+            dtype,
+            latent_bound,
+            samples_per_prompt,
         )
         self.num_envs = num_envs
         self.render_mode = render_mode

@@ -15,7 +15,7 @@ from agents.losses import (
     sparse_reward_weights,
     weighted_denoising_loss,
 )
-from agents.rollouts import collect_trajectories
+from agents.rollouts import Trajectories, collect_trajectories
 from tests.conftest import NUM_STEPS
 
 
@@ -94,6 +94,21 @@ def test_collected_log_probs_equal_the_batched_recomputation(make_vec_env):
         for samples, steps in pairs:  # minibatches that mix samples and timesteps
             recomputed = policy.log_prob(trajectories.observations(samples, steps), trajectories.actions(samples, steps))
             torch.testing.assert_close(recomputed, trajectories.log_probs[samples, steps], rtol=1e-5, atol=1e-3)
+
+
+def test_trajectories_keep_the_final_images_and_concatenate_in_order(make_vec_env):
+    env = make_vec_env(num_envs=2, array_type="torch", prompts="scenes_train")
+    policy = GaussianDenoisingPolicy.from_env(env)
+    generator = torch.Generator().manual_seed(0)
+    first, second = (collect_trajectories(env, policy, generator=generator) for _ in range(2))
+    # The images are the decoded last latents, the ones the reward scored.
+    torch.testing.assert_close(first.images, policy.backend.decode(first.latents[:, -1]), rtol=0, atol=0)
+    assert first.metadata and first.metadata[0]["background"] in first.prompts[0]
+    both = Trajectories.concatenate([first, second])
+    assert both.batch_size == 4 and both.prompts == first.prompts + second.prompts
+    assert both.metadata == first.metadata + second.metadata
+    torch.testing.assert_close(both.images[2:], second.images, rtol=0, atol=0)
+    torch.testing.assert_close(both.log_probs[:2], first.log_probs, rtol=0, atol=0)
 
 
 def test_collect_trajectories_needs_torch_arrays(make_vec_env):

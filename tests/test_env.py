@@ -218,3 +218,16 @@ def test_a_ddpm_backend_is_stepped_with_its_own_ancestral_sampler(make_env):
     backend.scheduler = DDPMScheduler(variance_type="fixed_small")
     with pytest.raises(ScheduleError, match="fixed_small variance beta-tilde_t is 0 on the last step"):
         make_env(model=backend)
+
+
+def test_samples_per_prompt_gives_each_prompt_to_consecutive_envs_with_their_own_noise(make_vec_env):
+    envs = make_vec_env(num_envs=6, prompts="scenes_train", samples_per_prompt=3)
+    obs, info = envs.reset(seed=0)
+    prompts = list(info["prompt"])
+    assert prompts[0:3] == [prompts[0]] * 3 and prompts[3:6] == [prompts[3]] * 3
+    core = envs.unwrapped.core
+    assert core.metadata[0] == core.metadata[2] and core.metadata[0] is not core.metadata[1]
+    assert not np.array_equal(obs["latent"][0], obs["latent"][1])
+    for bad in (4, 0, 1.5, True):
+        with pytest.raises(ValueError, match="allowed: a positive int that divides num_envs"):
+            make_vec_env(num_envs=6, samples_per_prompt=bad)

@@ -14,6 +14,8 @@ EXAMPLES = Path(__file__).parent.parent / "examples"
     [
         ("reinforce_with_baseline.py", ["--epochs", "2", "--num-envs", "2", "--num-inference-steps", "2", "--model", "tiny-random"]),
         ("denoising_mdp.py", []),
+        ("sb3_ppo.py", ["--rollouts", "2", "--num-envs", "2", "--num-inference-steps", "2", "--batch-size", "4",
+                        "--model", "tiny-random", "--device", "cpu"]),
     ],
 )
 def test_example_runs(script, argv, monkeypatch, capsys):

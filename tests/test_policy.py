@@ -118,3 +118,23 @@ def test_terminal_observation_is_refused_by_the_policy(make_env):
 def test_from_env_refuses_other_environments():
     with pytest.raises(TypeError, match="not a DiffusionDenoise environment"):
         GaussianDenoisingPolicy.from_env(gym.make("CartPole-v1"))
+
+
+def test_lora_adapters_start_at_the_pretrained_policy_and_are_all_that_trains(make_env):
+    env = make_env()
+    policy = GaussianDenoisingPolicy.from_env(env)
+    obs, _ = env.reset(seed=0)
+    with torch.no_grad():
+        before = policy.mean(obs)
+    with pytest.raises(ValueError, match="allowed: an int >= 1"):
+        policy.add_lora(0)
+    adapters = policy.add_lora(2)
+    assert adapters and all("lora" in name for name in adapters)
+    assert {id(p) for p in policy.parameters() if p.requires_grad} == {id(p) for p in adapters.values()}
+    with torch.no_grad():
+        torch.testing.assert_close(policy.mean(obs), before, rtol=0, atol=0)
+    # At the mean the gradient of log N vanishes; at a sampled (fixed) action it does not.
+    with torch.no_grad():
+        action = policy.sample(obs, generator=torch.Generator().manual_seed(0))
+    policy.log_prob(obs, action).sum().backward()
+    assert any(float(p.grad.abs().sum()) > 0 for p in adapters.values())

@@ -1,0 +1,185 @@
+"""Learning benchmarks: does fine-tuning through the environment improve the built-in model?
+
+Runs are made with the training command (each is its own job, resumable with ``--resume``):
+
+    python -m agents.train --config agents/configs/compressibility.toml --output-dir runs/compressibility
+
+This script then compares each run's final policy with the pretrained model on the same prompts
+and the same initial noise (paired samples, DDIM eta 1, the run's number of steps), and prints a
+markdown table:
+
+    python benchmarks/learning.py runs/compressibility runs/incompressibility --out docs/learning
+
+- ``jpeg_kb``: mean JPEG size (quality 95) of the samples, the quantity the JPEG rewards move;
+- ``scene_*``: agreement of the scene parser with the prompt (background colour, shape colour,
+  shape, count, size) and ``scene_alignment`` their mean, the check that the samples still show
+  the prompted scene;
+- on the run's training prompt set and on ``--heldout`` prompts (prompts never trained on).
+
+With ``--out`` it also writes, per run, a grid of pretrained (top) and fine-tuned (bottom)
+samples for the same prompts and noise, the curves of training reward and of the monitored
+prompt agreement per reward query, and, with ``--compare``, one plot of the reward curves of
+all runs against reward queries (SF vs IS vs RWR, or SB3's PPO beside DDPO-IS: any run
+directory with a ``history.json`` of ``charts/reward_queries`` and ``charts/reward_mean`` works).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from agents.rollouts import Trajectories, collect_trajectories
+from agents.train import Run, TrainConfig
+from diffusion_env.images import image_grid
+from diffusion_env.rewards import jpeg_size_kb, make_reward
+
+BATCH = 16
+
+
+def run_config(run_dir: Path) -> TrainConfig:
+    checkpoint = run_dir / (run_dir / "latest").read_text().strip()
+    return TrainConfig(**json.loads((checkpoint / "config.json").read_text()))
+
+
+def run_history(run_dir: Path) -> list[dict[str, float]]:
+    """The per-epoch figures of a training run (its latest checkpoint) or of a ``history.json``."""
+    if (run_dir / "history.json").exists():
+        return json.loads((run_dir / "history.json").read_text())
+    checkpoint = run_dir / (run_dir / "latest").read_text().strip()
+    return torch.load(checkpoint / "state.pt", weights_only=True)["history"]
+
+
+@torch.no_grad()
+def sample(config: TrainConfig, run_dir: Path | None, prompts: str, num_samples: int, seed: int) -> Trajectories:
+    """``num_samples`` samples on ``prompts`` from the run's final policy (pretrained if ``run_dir`` is None).
+
+    Prompts and initial noise depend on ``seed`` only, so two calls with the same seed are paired.
+    """
+    evaluation = dataclasses.replace(
+        config, prompts=prompts, num_envs=BATCH, samples_per_prompt=1, monitor=None, kl_coefficient=0.0
+    )
+    run = Run(evaluation)
+    if run_dir is not None:
+        run.load(run_dir)
+    generator = torch.Generator(device=config.device).manual_seed(seed)
+    batches = [
+        collect_trajectories(run.env, run.policy, generator=generator, seed=seed + index)
+        for index in range(num_samples // BATCH)
+    ]
+    run.env.close()
+    return Trajectories.concatenate(batches)
+
+
+def figures_of(samples: Trajectories) -> dict[str, float]:
+    result = make_reward("scene_alignment")(samples.images, samples.prompts, samples.metadata)
+    figures = {"jpeg_kb": float(jpeg_size_kb(samples.images).mean()), "scene_alignment": float(result.rewards.mean())}
+    for key, values in result.details.items():
+        defined = values[np.isfinite(values)]
+        figures[key] = float(defined.mean()) if defined.size else float("nan")
+    return figures
+
+
+def save_pair_grid(pretrained: Trajectories, fine_tuned: Trajectories, path: Path, count: int = 12) -> None:
+    import matplotlib.pyplot as plt
+
+    pixels = image_grid(
+        np.concatenate([pretrained.images[:count].cpu().numpy(), fine_tuned.images[:count].cpu().numpy()]),
+        columns=count,
+        padding=1,
+        fill=255,
+    )
+    plt.imsave(path, np.kron(pixels, np.ones((3, 3, 1), dtype=np.uint8)))
+
+
+def save_curves(history: list[dict[str, float]], title: str, path: Path) -> None:
+    """Training reward and monitored prompt agreement per reward query, side by side."""
+    import matplotlib.pyplot as plt
+
+    queries = [h["charts/reward_queries"] for h in history]
+    monitored = sorted({k for h in history for k in h if k.startswith("charts/monitor/scene_")})
+    figure, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    axes[0].plot(queries, [h["charts/reward_mean"] for h in history], marker=".")
+    axes[0].set_ylabel("training reward (mean of the epoch)")
+    for key in monitored:
+        axes[1].plot(queries, [h.get(key, np.nan) for h in history], marker=".", label=key.removeprefix("charts/monitor/"))
+    axes[1].set_ylabel("scene parser agreement (not trained on)")
+    axes[1].set_ylim(0, 1.02)
+    if monitored:
+        axes[1].legend(fontsize=7, loc="lower left")
+    for axis in axes:
+        axis.set_xlabel("reward queries")
+        axis.grid(alpha=0.3)
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def save_comparison(histories: dict[str, list[dict[str, float]]], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6.5, 4))
+    for label, history in histories.items():
+        axis.plot([h["charts/reward_queries"] for h in history], [h["charts/reward_mean"] for h in history], marker=".", label=label)
+    axis.set_xlabel("reward queries")
+    axis.set_ylabel("training reward (mean per update)")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", type=Path, nargs="+", help="output directories of agents.train")
+    parser.add_argument("--samples", type=int, default=128, help=f"evaluation samples per prompt set (multiple of {BATCH})")
+    parser.add_argument("--seed", type=int, default=12345, help="seed of the evaluation prompts and noise")
+    parser.add_argument("--heldout", default="scenes_heldout", help="prompt set never trained on ('' to skip)")
+    parser.add_argument("--out", type=Path, help="folder for the figures and results.json")
+    parser.add_argument("--compare", action="store_true", help="also plot all runs' reward curves together")
+    args = parser.parse_args()
+    if args.samples < BATCH or args.samples % BATCH:
+        raise SystemExit(f"--samples={args.samples}; allowed: a positive multiple of {BATCH}")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    print("| run | algorithm | reward | epochs | reward queries | train minutes | prompts | model | jpeg_kb | background | colour | shape | count | size | alignment |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for run_dir in args.runs:
+        config = run_config(run_dir)
+        history = run_history(run_dir)
+        minutes = sum(h.get("charts/epoch_seconds", float("nan")) for h in history) / 60
+        prompt_sets = [config.prompts] + ([args.heldout] if args.heldout and args.heldout != config.prompts else [])
+        results[run_dir.name] = {"config": dataclasses.asdict(config), "epochs": len(history), "train_minutes": minutes}
+        for prompts in prompt_sets:
+            pretrained = sample(config, None, prompts, args.samples, args.seed)
+            fine_tuned = sample(config, run_dir, prompts, args.samples, args.seed)
+            for label, samples in (("pretrained", pretrained), ("fine-tuned", fine_tuned)):
+                figures = figures_of(samples)
+                results[run_dir.name][f"{prompts}/{label}"] = figures
+                print(
+                    f"| {run_dir.name} | {config.algorithm} | {config.reward} | {len(history)} | "
+                    f"{int(history[-1]['charts/reward_queries'])} | {minutes:.1f} | {prompts} | {label} | "
+                    f"{figures['jpeg_kb']:.3f} | {figures['scene_background']:.3f} | {figures['scene_color']:.3f} | "
+                    f"{figures['scene_shape']:.3f} | {figures['scene_count']:.3f} | {figures['scene_size']:.3f} | "
+                    f"{figures['scene_alignment']:.3f} |",
+                    flush=True,
+                )
+            if args.out:
+                save_pair_grid(pretrained, fine_tuned, args.out / f"{run_dir.name}_{prompts}_samples.png")
+        if args.out:
+            save_curves(history, f"{run_dir.name}: {config.algorithm} on {config.reward}", args.out / f"{run_dir.name}_curves.png")
+    if args.out and args.compare:
+        save_comparison({run_dir.name: run_history(run_dir) for run_dir in args.runs}, args.out / "comparison.png")
+    if args.out:
+        (args.out / "results.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
