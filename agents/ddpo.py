@@ -4,8 +4,9 @@ Black et al., 2023, "Training Diffusion Models with Reinforcement Learning", Sec
 One call of :func:`ddpo_update` trains on one batch of trajectories collected with
 :func:`agents.rollouts.collect_trajectories`:
 
-- ``"sf"``: eq. (3), one gradient step over the batch (on-policy: the ratio is 1, so the SF
-  loss -A log p has the same gradient as the IS loss at the first step);
+- ``"sf"``: eq. (3), one gradient step over the batch, accumulated over all its minibatches
+  (on-policy: the ratio is 1, so the SF loss -A log p has the same gradient as the IS loss at
+  the first step);
 - ``"is"``: eq. (4) with PPO's clip, ``inner_epochs`` passes over the batch.
 
 Log-likelihoods are recomputed for minibatches of (sample, timestep) pairs that mix timesteps,
@@ -40,7 +41,7 @@ class DDPOConfig:
             exact full-likelihood ratio (False).
         inner_epochs: passes over the batch (IS only; SF always makes one).
         minibatch_size: (sample, timestep) pairs per network call.
-        gradient_accumulation: minibatches per optimiser step.
+        gradient_accumulation: minibatches per optimiser step (IS; SF accumulates the whole batch).
         timestep_fraction: fraction of each trajectory's steps trained on, drawn at random.
         max_grad_norm: gradient-norm clip.
         kl_coefficient: weight of the exact KL to a reference policy (DPOK); 0 disables it.
@@ -94,6 +95,8 @@ def ddpo_update(
     for _ in range(inner_epochs):
         steps = torch.randperm(trajectories.num_steps, generator=generator)[:num_train_steps]
         minibatches = list(trajectories.minibatches(config.minibatch_size, generator, steps))
+        # SF's gradient is only unbiased at the sampling policy: one optimiser step per batch.
+        accumulation = len(minibatches) if config.estimator == "sf" else config.gradient_accumulation
         optimizer.zero_grad(set_to_none=True)
         for index, (samples, step_indices) in enumerate(minibatches, start=1):
             obs = trajectories.observations(samples, step_indices)
@@ -122,11 +125,11 @@ def ddpo_update(
             loss_value = loss.item()
             if not math.isfinite(loss_value):
                 raise NonFiniteError(f"the DDPO loss is {loss_value}; stopping before the optimiser applies it")
-            (loss / config.gradient_accumulation).backward()
+            (loss / accumulation).backward()
             figures.setdefault("loss", []).append(loss_value)
             for key, value in stats.items():
                 figures.setdefault(key, []).append(float(value))
-            if index % config.gradient_accumulation == 0 or index == len(minibatches):
+            if index % accumulation == 0 or index == len(minibatches):
                 # The total norm is NaN or inf as soon as one gradient entry is: one check covers all.
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm))
                 if not math.isfinite(grad_norm):

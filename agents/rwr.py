@@ -52,17 +52,25 @@ def rwr_update(
     optimizer: torch.optim.Optimizer,
     config: RWRConfig,
     generator: torch.Generator,
+    scores: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Trains ``policy``'s network on the batch's final samples; returns ``losses/...`` means.
+
+    ``scores`` ``(B,)`` are what the weights are computed from: the rewards by default; the
+    training command passes the advantages (rewards normalised per prompt, as DDPO-IS uses them),
+    which makes ``beta`` independent of the reward's scale and compares samples of one prompt
+    rather than easy prompts with hard ones (as advantage-weighted regression does).
 
     Raises:
         NonFiniteError: if the loss is NaN or inf (nothing is applied then).
     """
-    rewards = trajectories.rewards
+    scores = trajectories.rewards if scores is None else scores
+    if scores.shape != trajectories.rewards.shape:
+        raise ValueError(f"scores have shape {tuple(scores.shape)}; allowed: one per sample, {tuple(trajectories.rewards.shape)}")
     weights = (
-        reward_weights(rewards, config.beta)
+        reward_weights(scores, config.beta)
         if config.weighting == "exponential"
-        else sparse_reward_weights(rewards, config.percentile)
+        else sparse_reward_weights(scores, config.percentile)
     )
     scheduler = policy.backend.scheduler
     clean = trajectories.latents[:, -1]

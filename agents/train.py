@@ -70,15 +70,15 @@ class TrainConfig:
     advantage_clip: float = field(default=5.0, metadata={"help": "advantages are clipped to +-this"})
     clip_range: float = field(default=1e-4, metadata={"help": "DDPO-IS clip range"})
     per_dimension_ratio: bool = field(default=True, metadata={"help": "clip the per-dimension ratio (DDPO's code)"})
-    inner_epochs: int = field(default=1, metadata={"help": "DDPO-IS passes over each epoch's samples"})
+    inner_epochs: int = field(default=1, metadata={"help": "DDPO-IS and RWR passes over each epoch's samples"})
     minibatch_size: int = field(default=32, metadata={"help": "(sample, timestep) pairs per network call"})
     gradient_accumulation: int = field(default=1, metadata={"help": "minibatches per optimiser step"})
     timestep_fraction: float = field(default=1.0, metadata={"help": "fraction of timesteps trained on"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
     kl_coefficient: float = field(default=0.0, metadata={"help": "weight of the KL to the pretrained model"})
     rwr_weighting: str = field(default="exponential", metadata={"help": "RWR weights: exponential or sparse"})
-    rwr_beta: float = field(default=1.0, metadata={"help": "RWR inverse temperature"})
-    rwr_percentile: float = field(default=90.0, metadata={"help": "sparse RWR threshold percentile"})
+    rwr_beta: float = field(default=1.0, metadata={"help": "RWR inverse temperature (of the advantages)"})
+    rwr_percentile: float = field(default=90.0, metadata={"help": "sparse RWR threshold percentile (of the advantages)"})
     monitor: str | None = field(
         default=None,
         metadata={"help": "reward scored on each epoch's images for logging only (charts/monitor/...), e.g. scene_alignment"},
@@ -115,6 +115,7 @@ class TrainConfig:
             beta=self.rwr_beta,
             percentile=self.rwr_percentile,
             minibatch_size=self.minibatch_size,
+            epochs=self.inner_epochs,
             max_grad_norm=self.max_grad_norm,
         )
 
@@ -229,7 +230,7 @@ class Run:
             advantages = batch_normalized_advantages(samples.rewards)
         advantages = clip_advantages(advantages, config.advantage_clip)
         if config.algorithm == "rwr":
-            figures = rwr_update(self.policy, samples, self.optimizer, config.rwr(), self.update_generator)
+            figures = rwr_update(self.policy, samples, self.optimizer, config.rwr(), self.update_generator, advantages)
         else:
             figures = ddpo_update(
                 self.policy, samples, advantages, self.optimizer, config.ddpo(), self.update_generator, self.reference_policy

@@ -1,14 +1,15 @@
 """Stable-Baselines3's PPO fine-tunes the built-in diffusion model on JPEG compressibility.
 
-    python examples/sb3_ppo.py --rollouts 60 --output-dir runs/sb3_ppo
+    python examples/sb3_ppo.py --rollouts 160 --output-dir runs/sb3_ppo
 
 The denoiser's Gaussian transition is SB3's action distribution (``DiffusionActorCriticPolicy``);
 SB3 runs its own PPO on it: N episodes of K steps per rollout (one reward query per episode,
 paid at the last step), GAE with gamma = lambda = 1 (so an advantage is the final reward minus
-the critic's estimate), the clipped objective on the exact full-likelihood ratio, Adam on LoRA
-adapters of the UNet and on the critic. The per-rollout mean reward is written to
-``history.json`` (as ``agents.train`` names it), which ``benchmarks/learning.py --compare`` plots
-next to DDPO-IS per reward query.
+the critic's estimate), the clipped objective on the exact full-likelihood ratio, Adam on the
+UNet (whole, or LoRA adapters with ``--lora-rank``) and on the critic. The per-rollout mean
+reward is written to ``history.json`` (as ``agents.train`` names it), which
+``benchmarks/learning.py --compare`` plots next to DDPO-IS per reward query, and the UNet's
+trained weights to ``actor.safetensors``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AutoresetMode
+from safetensors.torch import save_file
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
 
@@ -64,13 +66,16 @@ class RewardHistory(BaseCallback):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="SB3 PPO with the diffusion policy on DiffusionDenoise-v0")
-    parser.add_argument("--rollouts", type=int, default=60, help="PPO rollouts (each: num-envs episodes)")
+    parser.add_argument("--rollouts", type=int, default=160, help="PPO rollouts (each: num-envs episodes)")
     parser.add_argument("--num-envs", type=int, default=16)
     parser.add_argument("--num-inference-steps", type=int, default=20)
     parser.add_argument("--reward", default="jpeg_compressibility")
     parser.add_argument("--model", default=None, help="registered model name (default: the env's built-in model)")
     parser.add_argument("--learning-rate", type=float, default=3e-4)
-    parser.add_argument("--lora-rank", type=int, default=4, help="0 fine-tunes the whole UNet")
+    parser.add_argument(
+        "--lora-rank", type=int, default=0,
+        help="LoRA rank; 0 (default) fine-tunes the whole UNet, as the built-in model needs (see agents/configs)",
+    )
     parser.add_argument("--batch-size", type=int, default=64, help="transitions per PPO minibatch")
     parser.add_argument("--n-epochs", type=int, default=1, help="PPO passes over each rollout")
     parser.add_argument("--clip-range", type=float, default=0.2, help="PPO clip of the full-likelihood ratio")
@@ -112,6 +117,8 @@ def main() -> None:
     if args.output_dir is not None:
         args.output_dir.mkdir(parents=True, exist_ok=True)
         (args.output_dir / "history.json").write_text(json.dumps(history.history, indent=2))
+        trained = {name: p.detach().cpu().contiguous() for name, p in actor.named_parameters() if p.requires_grad}
+        save_file(trained, args.output_dir / "actor.safetensors")
     first, last = history.history[0]["charts/reward_mean"], history.history[-1]["charts/reward_mean"]
     print(f"mean reward: first rollout {first:.4f}, last rollout {last:.4f}")
 

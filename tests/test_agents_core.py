@@ -127,12 +127,15 @@ def _trained_copy(make_vec_env, config, steps=1):
     policy = GaussianDenoisingPolicy.from_env(env)
     reference = copy.deepcopy(policy)
     optimizer = torch.optim.AdamW(policy.backend.unet.parameters(), lr=1e-3)
+    optimizer_steps = []
+    optimizer.register_step_post_hook(lambda *_: optimizer_steps.append(1))
     generator = torch.Generator().manual_seed(0)
     figures = {}
     for _ in range(steps):
         trajectories = collect_trajectories(env, policy, generator=generator, seed=0)
         advantages = batch_normalized_advantages(trajectories.rewards)
         figures = ddpo_update(policy, trajectories, advantages, optimizer, config, generator, reference_policy=reference)
+    figures["optimizer_steps"] = len(optimizer_steps)
     return policy, reference, figures
 
 
@@ -148,6 +151,9 @@ def test_a_ddpo_update_changes_the_network_and_logs_finite_figures(make_vec_env,
     assert all(math.isfinite(v) for v in figures.values())
     assert "losses/kl_to_reference" in figures and "losses/grad_norm" in figures
     assert ("losses/clip_fraction" in figures) == (estimator == "is")
+    # 4 samples x 2 of 4 timesteps = 8 pairs = 2 minibatches of <= 6: IS steps once per 2
+    # minibatches in each of 2 inner epochs; SF steps once per batch, whatever is configured.
+    assert figures["optimizer_steps"] == (2 if estimator == "is" else 1)
 
 
 def test_a_non_finite_loss_stops_training_before_the_update(make_vec_env):
@@ -177,3 +183,27 @@ def test_an_rwr_update_fits_the_network_to_its_weighted_samples(make_vec_env, we
                          torch.Generator().manual_seed(0))
     assert math.isfinite(figures["losses/rwr_loss"]) and figures["losses/weight_max"] > 0
     assert any(not torch.equal(p, q) for p, q in zip(policy.backend.unet.parameters(), before))
+
+
+def test_rwr_weights_come_from_the_given_scores_in_place_of_the_rewards(make_vec_env):
+    import copy
+    import dataclasses
+
+    from agents.rwr import RWRConfig, rwr_update
+
+    env = make_vec_env(num_envs=4, array_type="torch")
+    policy = GaussianDenoisingPolicy.from_env(env)
+    trajectories = collect_trajectories(env, policy, generator=torch.Generator().manual_seed(0), seed=0)
+    scores = torch.tensor([2.0, -1.0, 0.5, -1.5])
+    config = RWRConfig(beta=2.0, minibatch_size=2)
+    results = []
+    for batch, given in ((trajectories, scores), (dataclasses.replace(trajectories, rewards=scores), None)):
+        trained = copy.deepcopy(policy)
+        optimizer = torch.optim.AdamW(trained.backend.unet.parameters(), lr=1e-3)
+        figures = rwr_update(trained, batch, optimizer, config, torch.Generator().manual_seed(0), given)
+        results.append((figures, list(trained.backend.unet.parameters())))
+    assert results[0][0] == results[1][0]
+    assert results[0][0]["losses/weight_max"] == pytest.approx(float(torch.softmax(2.0 * scores, 0).max() * 4))
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+    with pytest.raises(ValueError, match="one per sample"):
+        rwr_update(policy, trajectories, optimizer, config, torch.Generator(), torch.zeros(3))
