@@ -120,14 +120,29 @@ def save_curves(history: list[dict[str, float]], title: str, path: Path) -> None
     plt.close(figure)
 
 
-def save_comparison(histories: dict[str, list[dict[str, float]]], path: Path) -> None:
+def smoothed(history: list[dict[str, float]], window: float) -> tuple[np.ndarray, np.ndarray]:
+    """Reward queries and the mean reward over the last ``window`` queries (each update weighted by its queries)."""
+    queries = np.array([h["charts/reward_queries"] for h in history])
+    counts = np.diff(queries, prepend=0.0)
+    rewards = np.array([h["charts/reward_mean"] for h in history])
+    means = []
+    for index, end in enumerate(queries):
+        recent = queries[: index + 1] > end - window
+        means.append(float(np.sum(rewards[: index + 1][recent] * counts[: index + 1][recent]) / np.sum(counts[: index + 1][recent])))
+    return queries, np.array(means)
+
+
+def save_comparison(histories: dict[str, list[dict[str, float]]], path: Path, window: float) -> None:
+    """Each run's training reward per reward query: raw (faint) and averaged over ``window`` queries."""
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(6.5, 4))
+    figure, axis = plt.subplots(figsize=(7, 4.2))
     for label, history in histories.items():
-        axis.plot([h["charts/reward_queries"] for h in history], [h["charts/reward_mean"] for h in history], marker=".", label=label)
+        queries, means = smoothed(history, window)
+        raw = axis.plot(queries, [h["charts/reward_mean"] for h in history], alpha=0.25, linewidth=0.8)
+        axis.plot(queries, means, color=raw[0].get_color(), label=label)
     axis.set_xlabel("reward queries")
-    axis.set_ylabel("training reward (mean per update)")
+    axis.set_ylabel(f"training reward (faint: per update; line: last {window:g} queries)")
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
@@ -143,6 +158,7 @@ def main() -> None:
     parser.add_argument("--heldout", default="scenes_heldout", help="prompt set never trained on ('' to skip)")
     parser.add_argument("--out", type=Path, help="folder for the figures and results.json")
     parser.add_argument("--compare", action="store_true", help="also plot all runs' reward curves together")
+    parser.add_argument("--window", type=float, default=320, help="reward queries averaged in the comparison plot")
     args = parser.parse_args()
     if args.samples < BATCH or args.samples % BATCH:
         raise SystemExit(f"--samples={args.samples}; allowed: a positive multiple of {BATCH}")
@@ -152,8 +168,11 @@ def main() -> None:
     print("| run | algorithm | reward | epochs | reward queries | train minutes | prompts | model | jpeg_kb | background | colour | shape | count | size | alignment |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for run_dir in args.runs:
-        config = run_config(run_dir)
         history = run_history(run_dir)
+        if not (run_dir / "latest").exists():
+            print(f"| {run_dir.name} | (not a training-command run: curve only) |", flush=True)
+            continue
+        config = run_config(run_dir)
         minutes = sum(h.get("charts/epoch_seconds", float("nan")) for h in history) / 60
         prompt_sets = [config.prompts] + ([args.heldout] if args.heldout and args.heldout != config.prompts else [])
         results[run_dir.name] = {"config": dataclasses.asdict(config), "epochs": len(history), "train_minutes": minutes}
@@ -176,7 +195,7 @@ def main() -> None:
         if args.out:
             save_curves(history, f"{run_dir.name}: {config.algorithm} on {config.reward}", args.out / f"{run_dir.name}_curves.png")
     if args.out and args.compare:
-        save_comparison({run_dir.name: run_history(run_dir) for run_dir in args.runs}, args.out / "comparison.png")
+        save_comparison({run_dir.name: run_history(run_dir) for run_dir in args.runs}, args.out / "comparison.png", args.window)
     if args.out:
         (args.out / "results.json").write_text(json.dumps(results, indent=2))
 

@@ -1,6 +1,7 @@
 """The training command: a smoke run of every algorithm, exact resume, atomic checkpoints."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,6 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from agents.train import ALGORITHMS, Run, TrainConfig, parse_args, train
+from diffusion_env.prompts import make_prompt_set
+from diffusion_env.rewards import make_reward
 from diffusion_env.scenes import parse_scenes
 
 TINY = dict(model="tiny-random", prompts="scenes_train", num_envs=2, batches_per_epoch=1, num_inference_steps=2,
@@ -92,3 +95,13 @@ def test_config_file_and_flags(tmp_path):
     with pytest.raises(SystemExit, match="learning_rat"):
         parse_args(["--config", str(config_file), "--output-dir", str(tmp_path)])
     json.dumps(vars(config))  # the saved config is plain JSON
+
+
+@pytest.mark.parametrize("config_file", sorted((Path(__file__).parent.parent / "agents" / "configs").glob("*.toml")))
+def test_shipped_configs_name_registered_rewards_and_prompt_sets(config_file, tmp_path):
+    config, _, _ = parse_args(["--config", str(config_file), "--output-dir", str(tmp_path)])
+    assert make_reward(config.reward).name == config.reward.replace(" ", "")
+    assert len(make_prompt_set(config.prompts)) > 0
+    if config.monitor is not None:
+        make_reward(config.monitor)
+    assert config.num_envs % config.samples_per_prompt == 0
