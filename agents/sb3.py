@@ -125,9 +125,19 @@ class DiffusionActorCriticPolicy(ActorCriticPolicy):
     only shifts the loss (use ``ent_coef=0``); SB3 clips actions to the action box before stepping,
     whose bound (``latent_bound``, 100) leaves the sampler's actions untouched.
 
+    PPO's clip on the exact ratio exp(log p - log p_old) of a D-dimensional Gaussian is very
+    tight: one optimiser step moves log p by several nats, so with ``clip_range=0.2`` nearly every
+    transition is clipped after the first minibatch, and the few left give noisy steps (measured on
+    the built-in model: the JPEG size grew instead of falling). ``per_dimension_ratio=True`` makes
+    the log-likelihoods SB3 stores and recomputes log p / D, so that SB3's ratio is DDPO's
+    per-dimension ratio exp((log p - log p_old) / D) and ``clip_range`` means what DDPO's clip
+    range means (1e-3 for the built-in model, 1e-4 in DDPO on Stable Diffusion). The gradient's
+    direction is unchanged; the entropy is divided by D as well.
+
     Args:
         denoising_policy: the actor, e.g. ``GaussianDenoisingPolicy.from_env(envs)``.
         value_hidden: width of the critic's hidden layers.
+        per_dimension_ratio: report log p / D instead of log p (see above).
         other arguments: as ``ActorCriticPolicy`` (``net_arch``, ``log_std_init``, ``use_sde``
             and the feature extractor are not used).
     """
@@ -139,6 +149,7 @@ class DiffusionActorCriticPolicy(ActorCriticPolicy):
         lr_schedule: Any,
         denoising_policy: GaussianDenoisingPolicy,
         value_hidden: int = 64,
+        per_dimension_ratio: bool = False,
         **kwargs: Any,
     ) -> None:
         if not isinstance(denoising_policy, GaussianDenoisingPolicy):
@@ -149,12 +160,15 @@ class DiffusionActorCriticPolicy(ActorCriticPolicy):
         # own attribute handling is ready, hence the plain object attributes.
         object.__setattr__(self, "_pending_actor", denoising_policy)
         object.__setattr__(self, "_pending_value_hidden", value_hidden)
+        object.__setattr__(self, "_pending_per_dimension_ratio", bool(per_dimension_ratio))
         kwargs["ortho_init"] = False
         super().__init__(observation_space, action_space, lr_schedule, **kwargs)
 
     def _build(self, lr_schedule: Any) -> None:
         self.actor = self.__dict__.pop("_pending_actor")
         hidden = self.__dict__.pop("_pending_value_hidden")
+        num_dims = math.prod(self.action_space.shape)
+        self.log_prob_scale = 1.0 / num_dims if self.__dict__.pop("_pending_per_dimension_ratio") else 1.0
         channels = self.observation_space["latent"].shape[0]
         embedding_dim = self.observation_space["prompt_embedding"].shape[-1]
         self.num_train_timesteps = float(self.observation_space["timestep"].high[0] + 1)
@@ -187,7 +201,7 @@ class DiffusionActorCriticPolicy(ActorCriticPolicy):
             log_prob = self.actor.log_prob(obs, actions)
         else:
             actions, log_prob = self.actor.sample_with_log_prob(obs)
-        return actions.float(), self.predict_values(obs), log_prob
+        return actions.float(), self.predict_values(obs), log_prob * self.log_prob_scale
 
     def evaluate_actions(
         self, obs: dict[str, torch.Tensor], actions: torch.Tensor
@@ -196,7 +210,7 @@ class DiffusionActorCriticPolicy(ActorCriticPolicy):
         sigma = self.actor.std(obs)
         num_dims = actions[0].numel()
         entropy = num_dims * (0.5 * (1.0 + math.log(2.0 * math.pi)) + torch.log(sigma))
-        return self.predict_values(obs), log_prob, entropy
+        return self.predict_values(obs), log_prob * self.log_prob_scale, entropy * self.log_prob_scale
 
     def _predict(self, observation: dict[str, torch.Tensor], deterministic: bool = False) -> torch.Tensor:
         return self.forward(observation, deterministic)[0]

@@ -6,7 +6,8 @@
 
 Each epoch collects ``batches_per_epoch`` batches of ``num_envs`` trajectories with the current
 policy, turns rewards into advantages (per-prompt statistics by default), and trains with
-DDPO-IS, DDPO-SF or RWR. It logs to TensorBoard (``charts/...``, ``losses/...``), saves a grid of
+DDPO-IS, DDPO-SF or RWR. It logs to TensorBoard (``charts/...``, ``losses/...``, and with
+``--monitor`` a second reward scored on the same images but not trained on), saves a grid of
 the epoch's samples with their prompts and rewards, checkpoints atomically (a killed run never
 leaves a broken checkpoint), resumes exactly with ``--resume``, and plots the reward curve.
 """
@@ -33,11 +34,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import diffusion_env  # noqa: F401  (registers DiffusionDenoise-v0)
-from agents.advantages import (
-    PerPromptStatTracker,
-    batch_normalized_advantages,
-    clip_advantages,
-)
+from agents.advantages import PerPromptStatTracker, batch_normalized_advantages, clip_advantages
 from agents.ddpo import DDPOConfig, NonFiniteError, ddpo_update
 from agents.policy import GaussianDenoisingPolicy
 from agents.rollouts import Trajectories, collect_trajectories
@@ -190,9 +187,12 @@ class Run:
         pointer.write_text(final.name)
         os.replace(pointer, directory / "latest")
 
-    def load(self, directory: Path) -> None:
-        """Restores the run from the checkpoint ``directory/latest`` names."""
-        checkpoint = directory / (directory / "latest").read_text().strip()
+    def load(self, directory: Path, epoch: int | None = None) -> None:
+        """Restores the run from the checkpoint ``directory/latest`` names, or from that of ``epoch``."""
+        name = (directory / "latest").read_text().strip() if epoch is None else f"checkpoint-{epoch:04d}"
+        checkpoint = directory / name
+        if not (checkpoint / "state.pt").exists():
+            raise FileNotFoundError(f"no checkpoint {checkpoint} (checkpoints are saved every checkpoint_every epochs)")
         weights = load_file(checkpoint / "trainable.safetensors")
         if set(weights) != set(self.trainable):
             raise ValueError(

@@ -10,6 +10,9 @@ markdown table:
 
     python benchmarks/learning.py runs/compressibility runs/incompressibility --out docs/learning
 
+A run given as ``DIR:EPOCH`` is evaluated at that epoch's checkpoint and its curve cut there, so
+that runs of different lengths are compared at the same number of reward queries.
+
 - ``jpeg_kb``: mean JPEG size (quality 95) of the samples, the quantity the JPEG rewards move;
 - ``scene_*``: agreement of the scene parser with the prompt (background colour, shape colour,
   shape, count, size) and ``scene_alignment`` their mean, the check that the samples still show
@@ -41,22 +44,37 @@ from diffusion_env.rewards import jpeg_size_kb, make_reward
 BATCH = 16
 
 
+def parse_run(argument: str) -> tuple[Path, int | None]:
+    """``DIR`` or ``DIR:EPOCH``."""
+    directory, _, epoch = argument.partition(":")
+    return Path(directory), int(epoch) if epoch else None
+
+
+def run_label(run_dir: Path, epoch: int | None) -> str:
+    return run_dir.name if epoch is None else f"{run_dir.name}@{epoch}"
+
+
 def run_config(run_dir: Path) -> TrainConfig:
     checkpoint = run_dir / (run_dir / "latest").read_text().strip()
     return TrainConfig(**json.loads((checkpoint / "config.json").read_text()))
 
 
-def run_history(run_dir: Path) -> list[dict[str, float]]:
-    """The per-epoch figures of a training run (its latest checkpoint) or of a ``history.json``."""
+def run_history(run_dir: Path, epoch: int | None = None) -> list[dict[str, float]]:
+    """The per-update figures of a training run (up to ``epoch``) or of a ``history.json``."""
     if (run_dir / "history.json").exists():
-        return json.loads((run_dir / "history.json").read_text())
-    checkpoint = run_dir / (run_dir / "latest").read_text().strip()
-    return torch.load(checkpoint / "state.pt", weights_only=True)["history"]
+        history = json.loads((run_dir / "history.json").read_text())
+    else:
+        checkpoint = run_dir / (run_dir / "latest").read_text().strip()
+        history = torch.load(checkpoint / "state.pt", weights_only=True)["history"]
+    return history if epoch is None else history[:epoch]
 
 
 @torch.no_grad()
-def sample(config: TrainConfig, run_dir: Path | None, prompts: str, num_samples: int, seed: int) -> Trajectories:
-    """``num_samples`` samples on ``prompts`` from the run's final policy (pretrained if ``run_dir`` is None).
+def sample(
+    config: TrainConfig, run_dir: Path | None, epoch: int | None, prompts: str, num_samples: int, seed: int
+) -> Trajectories:
+    """``num_samples`` samples on ``prompts`` from the run's policy after ``epoch`` (default: the
+    last; the pretrained model if ``run_dir`` is None).
 
     Prompts and initial noise depend on ``seed`` only, so two calls with the same seed are paired.
     """
@@ -65,7 +83,7 @@ def sample(config: TrainConfig, run_dir: Path | None, prompts: str, num_samples:
     )
     run = Run(evaluation)
     if run_dir is not None:
-        run.load(run_dir)
+        run.load(run_dir, epoch)
     generator = torch.Generator(device=config.device).manual_seed(seed)
     batches = [
         collect_trajectories(run.env, run.policy, generator=generator, seed=seed + index)
@@ -152,7 +170,7 @@ def save_comparison(histories: dict[str, list[dict[str, float]]], path: Path, wi
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", type=Path, nargs="+", help="output directories of agents.train")
+    parser.add_argument("runs", nargs="+", help="output directories of agents.train (DIR or DIR:EPOCH)")
     parser.add_argument("--samples", type=int, default=128, help=f"evaluation samples per prompt set (multiple of {BATCH})")
     parser.add_argument("--seed", type=int, default=12345, help="seed of the evaluation prompts and noise")
     parser.add_argument("--heldout", default="scenes_heldout", help="prompt set never trained on ('' to skip)")
@@ -165,37 +183,47 @@ def main() -> None:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
     results = {}
+    pretrained_samples: dict[tuple, Trajectories] = {}  # runs of one model share its pretrained samples
     print("| run | algorithm | reward | epochs | reward queries | train minutes | prompts | model | jpeg_kb | background | colour | shape | count | size | alignment |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for run_dir in args.runs:
-        history = run_history(run_dir)
+    runs = [parse_run(argument) for argument in args.runs]
+    for run_dir, epoch in runs:
+        label = run_label(run_dir, epoch)
+        history = run_history(run_dir, epoch)
         if not (run_dir / "latest").exists():
-            print(f"| {run_dir.name} | (not a training-command run: curve only) |", flush=True)
+            print(f"| {label} | (not a training-command run: curve only) |", flush=True)
             continue
         config = run_config(run_dir)
         minutes = sum(h.get("charts/epoch_seconds", float("nan")) for h in history) / 60
         prompt_sets = [config.prompts] + ([args.heldout] if args.heldout and args.heldout != config.prompts else [])
-        results[run_dir.name] = {"config": dataclasses.asdict(config), "epochs": len(history), "train_minutes": minutes}
+        results[label] = {"config": dataclasses.asdict(config), "epochs": len(history), "train_minutes": minutes}
         for prompts in prompt_sets:
-            pretrained = sample(config, None, prompts, args.samples, args.seed)
-            fine_tuned = sample(config, run_dir, prompts, args.samples, args.seed)
-            for label, samples in (("pretrained", pretrained), ("fine-tuned", fine_tuned)):
+            key = (config.model, config.num_inference_steps, config.eta, config.guidance_scale, prompts)
+            if key not in pretrained_samples:
+                pretrained_samples[key] = sample(config, None, None, prompts, args.samples, args.seed)
+            pretrained = pretrained_samples[key]
+            fine_tuned = sample(config, run_dir, epoch, prompts, args.samples, args.seed)
+            for model, samples in (("pretrained", pretrained), ("fine-tuned", fine_tuned)):
                 figures = figures_of(samples)
-                results[run_dir.name][f"{prompts}/{label}"] = figures
+                results[label][f"{prompts}/{model}"] = figures
                 print(
-                    f"| {run_dir.name} | {config.algorithm} | {config.reward} | {len(history)} | "
-                    f"{int(history[-1]['charts/reward_queries'])} | {minutes:.1f} | {prompts} | {label} | "
+                    f"| {label} | {config.algorithm} | {config.reward} | {len(history)} | "
+                    f"{int(history[-1]['charts/reward_queries'])} | {minutes:.1f} | {prompts} | {model} | "
                     f"{figures['jpeg_kb']:.3f} | {figures['scene_background']:.3f} | {figures['scene_color']:.3f} | "
                     f"{figures['scene_shape']:.3f} | {figures['scene_count']:.3f} | {figures['scene_size']:.3f} | "
                     f"{figures['scene_alignment']:.3f} |",
                     flush=True,
                 )
             if args.out:
-                save_pair_grid(pretrained, fine_tuned, args.out / f"{run_dir.name}_{prompts}_samples.png")
+                save_pair_grid(pretrained, fine_tuned, args.out / f"{label}_{prompts}_samples.png")
         if args.out:
-            save_curves(history, f"{run_dir.name}: {config.algorithm} on {config.reward}", args.out / f"{run_dir.name}_curves.png")
+            save_curves(history, f"{label}: {config.algorithm} on {config.reward}", args.out / f"{label}_curves.png")
     if args.out and args.compare:
-        save_comparison({run_dir.name: run_history(run_dir) for run_dir in args.runs}, args.out / "comparison.png", args.window)
+        save_comparison(
+            {run_label(run_dir, epoch): run_history(run_dir, epoch) for run_dir, epoch in runs},
+            args.out / "comparison.png",
+            args.window,
+        )
     if args.out:
         (args.out / "results.json").write_text(json.dumps(results, indent=2))
 

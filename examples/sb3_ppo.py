@@ -5,7 +5,8 @@
 The denoiser's Gaussian transition is SB3's action distribution (``DiffusionActorCriticPolicy``);
 SB3 runs its own PPO on it: N episodes of K steps per rollout (one reward query per episode,
 paid at the last step), GAE with gamma = lambda = 1 (so an advantage is the final reward minus
-the critic's estimate), the clipped objective on the exact full-likelihood ratio, Adam on the
+the critic's estimate), the clipped objective on DDPO's per-dimension ratio (clip 1e-3, as the
+DDPO-IS configs; ``--exact-ratio`` clips the full-likelihood ratio instead), Adam on the
 UNet (whole, or LoRA adapters with ``--lora-rank``) and on the critic. The per-rollout mean
 reward is written to ``history.json`` (as ``agents.train`` names it), which
 ``benchmarks/learning.py --compare`` plots next to DDPO-IS per reward query, and the UNet's
@@ -78,7 +79,11 @@ def main() -> None:
     )
     parser.add_argument("--batch-size", type=int, default=64, help="transitions per PPO minibatch")
     parser.add_argument("--n-epochs", type=int, default=1, help="PPO passes over each rollout")
-    parser.add_argument("--clip-range", type=float, default=0.2, help="PPO clip of the full-likelihood ratio")
+    parser.add_argument("--clip-range", type=float, default=1e-3, help="PPO clip (of the per-dimension ratio by default)")
+    parser.add_argument(
+        "--exact-ratio", action="store_true",
+        help="clip SB3's exact full-likelihood ratio instead of DDPO's per-dimension one (then use e.g. --clip-range 0.2)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--output-dir", type=Path, default=None, help="where history.json goes")
@@ -110,7 +115,7 @@ def main() -> None:
         max_grad_norm=1.0,
         seed=args.seed,
         device=args.device,
-        policy_kwargs={"denoising_policy": actor},
+        policy_kwargs={"denoising_policy": actor, "per_dimension_ratio": not args.exact_ratio},
     )
     history = RewardHistory()
     model.learn(total_timesteps=args.rollouts * args.num_envs * args.num_inference_steps, callback=history)

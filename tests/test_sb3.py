@@ -46,7 +46,8 @@ def test_sb3_ppo_runs_on_the_adapter_and_on_the_single_env(make_vec_env, make_en
     assert model.num_timesteps == NUM_STEPS
 
 
-def test_sb3_ppo_with_the_diffusion_policy_updates_the_unet_and_stores_exact_log_likelihoods(make_vec_env):
+@pytest.mark.parametrize("per_dimension_ratio", [False, True])
+def test_sb3_ppo_with_the_diffusion_policy_updates_the_unet_and_stores_exact_log_likelihoods(make_vec_env, per_dimension_ratio):
     import torch
 
     from agents import GaussianDenoisingPolicy
@@ -56,7 +57,8 @@ def test_sb3_ppo_with_the_diffusion_policy_updates_the_unet_and_stores_exact_log
     actor = GaussianDenoisingPolicy.from_env(envs)
     before = [p.detach().clone() for p in actor.backend.unet.parameters()]
     model = PPO(DiffusionActorCriticPolicy, SB3VecEnvAdapter(envs), n_steps=NUM_STEPS, batch_size=4, n_epochs=1,
-                ent_coef=0.0, learning_rate=1e-4, seed=0, device="cpu", policy_kwargs={"denoising_policy": actor})
+                ent_coef=0.0, learning_rate=1e-4, seed=0, device="cpu",
+                policy_kwargs={"denoising_policy": actor, "per_dimension_ratio": per_dimension_ratio})
     assert model.policy.actor is actor
     model.learn(total_timesteps=2 * NUM_STEPS)
     after = list(actor.backend.unet.parameters())
@@ -68,12 +70,14 @@ def test_sb3_ppo_with_the_diffusion_policy_updates_the_unet_and_stores_exact_log
     buffer = model.rollout_buffer
     obs = {key: torch.as_tensor(value.reshape(-1, *value.shape[2:])) for key, value in buffer.observations.items()}
     actions = torch.as_tensor(buffer.actions.reshape(-1, *buffer.actions.shape[2:]))
+    # With per_dimension_ratio SB3 sees log p / D, so that its ratio is DDPO's per-dimension one.
+    scale = 1.0 / actions[0].numel() if per_dimension_ratio else 1.0
     with torch.no_grad():
-        recomputed = actor.log_prob(obs, actions)
+        recomputed = actor.log_prob(obs, actions) * scale
         _, evaluated, entropy = model.policy.evaluate_actions(obs, actions)
     stored = torch.as_tensor(buffer.log_probs.reshape(-1))
-    torch.testing.assert_close(recomputed, stored, rtol=1e-5, atol=1e-2)
-    torch.testing.assert_close(evaluated, stored, rtol=1e-5, atol=1e-2)
+    torch.testing.assert_close(recomputed, stored, rtol=1e-5, atol=1e-2 * scale)
+    torch.testing.assert_close(evaluated, stored, rtol=1e-5, atol=1e-2 * scale)
     assert torch.isfinite(entropy).all()
 
 

@@ -60,6 +60,13 @@ def test_resume_continues_the_run_exactly(tmp_path):
     a = load_file(tmp_path / "straight" / "checkpoint-0002" / "trainable.safetensors")
     b = load_file(tmp_path / "split" / "checkpoint-0002" / "trainable.safetensors")
     assert all(torch.equal(a[name], b[name]) for name in a)
+    # An earlier checkpoint can be loaded by its epoch (the learning benchmark compares runs so).
+    early = Run(TrainConfig(**config))
+    early.load(tmp_path / "straight", epoch=1)
+    first = load_file(tmp_path / "straight" / "checkpoint-0001" / "trainable.safetensors")
+    assert early.epoch == 1 and all(torch.equal(early.trainable[n], first[n]) for n in first)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        early.load(tmp_path / "straight", epoch=7)
 
 
 def test_a_killed_checkpoint_write_leaves_the_previous_one_usable(tmp_path):
