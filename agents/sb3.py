@@ -126,9 +126,9 @@ class DiffusionActorCriticPolicy(ActorCriticPolicy):
     whose bound (``latent_bound``, 100) leaves the sampler's actions untouched.
 
     PPO's clip on the exact ratio exp(log p - log p_old) of a D-dimensional Gaussian is very
-    tight: one optimiser step moves log p by several nats, so with ``clip_range=0.2`` nearly every
-    transition is clipped after the first minibatch, and the few left give noisy steps (measured on
-    the built-in model: the JPEG size grew instead of falling). ``per_dimension_ratio=True`` makes
+    tight: a few optimiser steps move log p by nats, so with ``clip_range=0.2`` most transitions
+    are clipped after the first minibatches and the rest give noisy steps (on the built-in model
+    the JPEG size grew instead of falling). ``per_dimension_ratio=True`` makes
     the log-likelihoods SB3 stores and recomputes log p / D, so that SB3's ratio is DDPO's
     per-dimension ratio exp((log p - log p_old) / D) and ``clip_range`` means what DDPO's clip
     range means (1e-3 for the built-in model, 1e-4 in DDPO on Stable Diffusion). The gradient's
