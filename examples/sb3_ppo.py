@@ -4,7 +4,7 @@
 
 The denoiser's Gaussian transition is SB3's action distribution (``DiffusionActorCriticPolicy``);
 SB3 runs its own PPO on it: N episodes of K steps per rollout (one reward query per episode,
-paid at the last step), GAE with gamma = lambda = 1 (so an advantage is the final reward minus
+paid at the last step; by default all N of one prompt, see ``--samples-per-prompt``), GAE with gamma = lambda = 1 (so an advantage is the final reward minus
 the critic's estimate), the clipped objective on DDPO's per-dimension ratio (clip 1e-3, as the
 DDPO-IS configs; ``--exact-ratio`` clips the full-likelihood ratio instead), Adam on the
 UNet (whole, or LoRA adapters with ``--lora-rank``) and on the critic. The per-rollout mean
@@ -71,6 +71,11 @@ def main() -> None:
     parser.add_argument("--num-envs", type=int, default=16)
     parser.add_argument("--num-inference-steps", type=int, default=20)
     parser.add_argument("--reward", default="jpeg_compressibility")
+    parser.add_argument(
+        "--samples-per-prompt", type=int, default=16,
+        help="episodes of each prompt per rollout; with num-envs, every rollout is one prompt, so that SB3's "
+        "per-minibatch advantage normalisation compares samples of one prompt (DDPO's per-prompt statistics)",
+    )
     parser.add_argument("--model", default=None, help="registered model name (default: the env's built-in model)")
     parser.add_argument("--learning-rate", type=float, default=3e-4)
     parser.add_argument(
@@ -96,6 +101,7 @@ def main() -> None:
         reward=args.reward,
         num_inference_steps=args.num_inference_steps,
         autoreset_mode=AutoresetMode.SAME_STEP,
+        samples_per_prompt=args.samples_per_prompt,
         **model_kwargs,
     )
     actor = GaussianDenoisingPolicy.from_env(envs)

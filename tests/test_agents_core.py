@@ -207,3 +207,28 @@ def test_rwr_weights_come_from_the_given_scores_in_place_of_the_rewards(make_vec
     assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
     with pytest.raises(ValueError, match="one per sample"):
         rwr_update(policy, trajectories, optimizer, config, torch.Generator(), torch.zeros(3))
+
+
+def test_min_sigma_leaves_the_nearly_deterministic_steps_out_of_training(make_vec_env, monkeypatch):
+    from agents.ddpo import DDPOConfig, ddpo_update
+
+    env = make_vec_env(num_envs=2, array_type="torch")
+    policy = GaussianDenoisingPolicy.from_env(env)
+    trajectories = collect_trajectories(env, policy, generator=torch.Generator().manual_seed(0), seed=0)
+    sigma = policy.transition.sigma.cpu()
+    threshold = float(sigma.sort().values[1])  # leaves out the step with the smallest sigma_t only
+    trained_steps = []
+    original = Trajectories.minibatches
+
+    def recording(self, size, generator, steps=None):
+        trained_steps.append(sorted(steps.tolist()))
+        return original(self, size, generator, steps)
+
+    monkeypatch.setattr(Trajectories, "minibatches", recording)
+    optimizer = torch.optim.AdamW(policy.backend.unet.parameters(), lr=1e-4)
+    ddpo_update(policy, trajectories, torch.tensor([1.0, -1.0]), optimizer, DDPOConfig(min_sigma=threshold),
+                torch.Generator().manual_seed(0))
+    assert trained_steps == [sorted(set(range(NUM_STEPS)) - {int(sigma.argmin())})]
+    with pytest.raises(ValueError, match="excludes every step"):
+        ddpo_update(policy, trajectories, torch.tensor([1.0, -1.0]), optimizer,
+                    DDPOConfig(min_sigma=float(sigma.max()) + 1.0), torch.Generator())
