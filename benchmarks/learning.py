@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from agents.rollouts import Trajectories, collect_trajectories
 from agents.train import Run, TrainConfig
@@ -54,7 +55,21 @@ def run_label(run_dir: Path, epoch: int | None) -> str:
     return run_dir.name if epoch is None else f"{run_dir.name}@{epoch}"
 
 
+def is_sb3_run(run_dir: Path) -> bool:
+    """An output directory of ``examples/sb3_ppo.py`` (weights, arguments and history)."""
+    return (run_dir / "actor.safetensors").exists() and (run_dir / "args.json").exists()
+
+
 def run_config(run_dir: Path) -> TrainConfig:
+    """The run's training config; for an SB3 run, one that builds the same model, sampler and reward."""
+    if is_sb3_run(run_dir):
+        args = json.loads((run_dir / "args.json").read_text())
+        return TrainConfig(
+            reward=args["reward"],
+            model=args["model"],
+            num_inference_steps=args["num_inference_steps"],
+            lora_rank=args["lora_rank"],
+        )
     checkpoint = run_dir / (run_dir / "latest").read_text().strip()
     return TrainConfig(**json.loads((checkpoint / "config.json").read_text()))
 
@@ -82,7 +97,11 @@ def sample(
         config, prompts=prompts, num_envs=BATCH, samples_per_prompt=1, monitor=None, kl_coefficient=0.0
     )
     run = Run(evaluation)
-    if run_dir is not None:
+    if run_dir is not None and is_sb3_run(run_dir):
+        unused = run.policy.load_state_dict(load_file(run_dir / "actor.safetensors"), strict=False).unexpected_keys
+        if unused:
+            raise ValueError(f"{run_dir}/actor.safetensors holds parameters this model lacks: {unused[:3]}")
+    elif run_dir is not None:
         run.load(run_dir, epoch)
     generator = torch.Generator(device=config.device).manual_seed(seed)
     batches = [
@@ -190,10 +209,11 @@ def main() -> None:
     for run_dir, epoch in runs:
         label = run_label(run_dir, epoch)
         history = run_history(run_dir, epoch)
-        if not (run_dir / "latest").exists():
-            print(f"| {label} | (not a training-command run: curve only) |", flush=True)
+        if not (run_dir / "latest").exists() and not is_sb3_run(run_dir):
+            print(f"| {label} | (no checkpoint: curve only) |", flush=True)
             continue
         config = run_config(run_dir)
+        algorithm = "sb3-ppo" if is_sb3_run(run_dir) else config.algorithm
         minutes = sum(h.get("charts/epoch_seconds", float("nan")) for h in history) / 60
         prompt_sets = [config.prompts] + ([args.heldout] if args.heldout and args.heldout != config.prompts else [])
         results[label] = {"config": dataclasses.asdict(config), "epochs": len(history), "train_minutes": minutes}
@@ -207,7 +227,7 @@ def main() -> None:
                 figures = figures_of(samples)
                 results[label][f"{prompts}/{model}"] = figures
                 print(
-                    f"| {label} | {config.algorithm} | {config.reward} | {len(history)} | "
+                    f"| {label} | {algorithm} | {config.reward} | {len(history)} | "
                     f"{int(history[-1]['charts/reward_queries'])} | {minutes:.1f} | {prompts} | {model} | "
                     f"{figures['jpeg_kb']:.3f} | {figures['scene_background']:.3f} | {figures['scene_color']:.3f} | "
                     f"{figures['scene_shape']:.3f} | {figures['scene_count']:.3f} | {figures['scene_size']:.3f} | "
@@ -217,7 +237,7 @@ def main() -> None:
             if args.out:
                 save_pair_grid(pretrained, fine_tuned, args.out / f"{label}_{prompts}_samples.png")
         if args.out:
-            save_curves(history, f"{label}: {config.algorithm} on {config.reward}", args.out / f"{label}_curves.png")
+            save_curves(history, f"{label}: {algorithm} on {config.reward}", args.out / f"{label}_curves.png")
     if args.out and args.compare:
         save_comparison(
             {run_label(run_dir, epoch): run_history(run_dir, epoch) for run_dir, epoch in runs},

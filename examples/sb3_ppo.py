@@ -9,8 +9,9 @@ the critic's estimate), the clipped objective on DDPO's per-dimension ratio (cli
 DDPO-IS configs; ``--exact-ratio`` clips the full-likelihood ratio instead), Adam on the
 UNet (whole, or LoRA adapters with ``--lora-rank``) and on the critic. The per-rollout mean
 reward is written to ``history.json`` (as ``agents.train`` names it), which
-``benchmarks/learning.py --compare`` plots next to DDPO-IS per reward query, and the UNet's
-trained weights to ``actor.safetensors``.
+``benchmarks/learning.py --compare`` plots next to DDPO-IS per reward query (and evaluates against the
+pretrained model), the UNet's trained weights to ``actor.safetensors`` and the arguments to
+``args.json``.
 """
 
 from __future__ import annotations
@@ -128,6 +129,7 @@ def main() -> None:
     if args.output_dir is not None:
         args.output_dir.mkdir(parents=True, exist_ok=True)
         (args.output_dir / "history.json").write_text(json.dumps(history.history, indent=2))
+        (args.output_dir / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
         trained = {name: p.detach().cpu().contiguous() for name, p in actor.named_parameters() if p.requires_grad}
         save_file(trained, args.output_dir / "actor.safetensors")
     first, last = history.history[0]["charts/reward_mean"], history.history[-1]["charts/reward_mean"]

@@ -9,6 +9,7 @@ from pathlib import Path
 from agents.train import TrainConfig, train
 
 SCRIPT = Path(__file__).parent.parent / "benchmarks" / "learning.py"
+EXAMPLES = Path(__file__).parent.parent / "examples"
 
 
 def test_learning_benchmark_compares_a_run_with_the_pretrained_model(tmp_path, monkeypatch, capsys):
@@ -16,16 +17,24 @@ def test_learning_benchmark_compares_a_run_with_the_pretrained_model(tmp_path, m
                          num_inference_steps=2, minibatch_size=4, lora_rank=0, learning_rate=1e-3,
                          monitor="scene_alignment", device="cpu")
     train(config, tmp_path / "run")
-    monkeypatch.setattr(sys, "argv", ["learning.py", str(tmp_path / "run"), f"{tmp_path / 'run'}:1",
+    monkeypatch.setattr(sys, "argv", ["sb3_ppo.py", "--rollouts", "1", "--num-envs", "2", "--samples-per-prompt", "2",
+                                      "--num-inference-steps", "2", "--batch-size", "4", "--model", "tiny-random",
+                                      "--device", "cpu", "--output-dir", str(tmp_path / "sb3")])
+    runpy.run_path(str(EXAMPLES / "sb3_ppo.py"), run_name="__main__")
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", ["learning.py", str(tmp_path / "run"), f"{tmp_path / 'run'}:1", str(tmp_path / "sb3"),
                                       "--samples", "16", "--compare", "--out", str(tmp_path / "eval")])
     runpy.run_path(str(SCRIPT), run_name="__main__")
     table = capsys.readouterr().out
-    assert table.count("| pretrained |") == 4 and table.count("| fine-tuned |") == 4
+    assert table.count("| pretrained |") == 6 and table.count("| fine-tuned |") == 6
+    assert table.count("| sb3 | sb3-ppo |") == 4
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     # Same prompts and noise: the pretrained figures do not depend on the run evaluated.
     assert results["run"]["scenes_train/pretrained"] == results["run@1"]["scenes_train/pretrained"]
     assert results["run"]["epochs"] == 2 and results["run@1"]["epochs"] == 1
     # The last epoch's weights differ from the first's, and so do their samples.
     assert results["run"]["scenes_train/fine-tuned"] != results["run"]["scenes_train/pretrained"]
-    for name in ("run_curves.png", "run@1_scenes_heldout_samples.png", "comparison.png"):
+    # The SB3 weights are loaded: its samples are those of the PPO-trained UNet, not the pretrained one.
+    assert results["sb3"]["scenes_train/fine-tuned"] != results["sb3"]["scenes_train/pretrained"]
+    for name in ("run_curves.png", "run@1_scenes_heldout_samples.png", "sb3_curves.png", "comparison.png"):
         assert (tmp_path / "eval" / name).stat().st_size > 0
