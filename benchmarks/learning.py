@@ -22,8 +22,9 @@ that runs of different lengths are compared at the same number of reward queries
 With ``--out`` it also writes, per run, a grid of pretrained (top) and fine-tuned (bottom)
 samples for the same prompts and noise, the curves of training reward and of the monitored
 prompt agreement per reward query, and, with ``--compare``, one plot of the reward curves of
-all runs against reward queries (SF vs IS vs RWR, or SB3's PPO beside DDPO-IS: any run
-directory with a ``history.json`` of ``charts/reward_queries`` and ``charts/reward_mean`` works).
+all runs against reward queries (SF vs IS vs RWR, or SB3's PPO beside DDPO-IS). An output
+directory of ``examples/sb3_ppo.py`` (``actor.safetensors``, ``args.json``, ``history.json``) is
+evaluated like a training run.
 """
 
 from __future__ import annotations
