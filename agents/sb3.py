@@ -126,13 +126,12 @@ class DiffusionActorCriticPolicy(ActorCriticPolicy):
     whose bound (``latent_bound``, 100) leaves the sampler's actions untouched.
 
     PPO's clip on the exact ratio exp(log p - log p_old) of a D-dimensional Gaussian is very
-    tight: a few optimiser steps move log p by nats, so with ``clip_range=0.2`` most transitions
-    are clipped after the first minibatches and the rest give noisy steps (on the built-in model
-    the JPEG size grew instead of falling). ``per_dimension_ratio=True`` makes
-    the log-likelihoods SB3 stores and recomputes log p / D, so that SB3's ratio is DDPO's
-    per-dimension ratio exp((log p - log p_old) / D) and ``clip_range`` means what DDPO's clip
-    range means (1e-3 for the built-in model, 1e-4 in DDPO on Stable Diffusion). The gradient's
-    direction is unchanged; the entropy is divided by D as well.
+    tight: a few optimiser steps move log p by nats, far beyond ``clip_range=0.2``.
+    ``per_dimension_ratio=True`` makes the log-likelihoods SB3 stores and recomputes log p / D,
+    so that SB3's ratio is DDPO's per-dimension ratio exp((log p - log p_old) / D) and
+    ``clip_range`` means what DDPO's clip range means (1e-4 in DDPO on Stable Diffusion, 1e-3 in
+    this project's configs for the built-in model). The gradient's direction is unchanged; the
+    entropy is divided by D as well.
 
     Args:
         denoising_policy: the actor, e.g. ``GaussianDenoisingPolicy.from_env(envs)``.
