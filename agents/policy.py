@@ -133,7 +133,10 @@ class GaussianDenoisingPolicy(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """An action x_{t-1} = mu + sigma_t z and its exact log-likelihood ``(B,)``, from one network call.
 
-        z ~ N(0, I) is drawn from ``generator``, or is the given ``noise``.
+        z ~ N(0, I) is drawn from ``generator``, or is the given ``noise``. Outside ``no_grad`` the
+        action is reparameterised (differentiable through mu), so ``log_prob`` at it does not
+        depend on mu: to train on log-likelihoods, detach the action (or sample under ``no_grad``,
+        as the rollout collectors do).
         """
         latents, timesteps, step_index, prompt_embeds = self._inputs(observation)
         mean = self._mean(latents, timesteps, step_index, prompt_embeds)
