@@ -254,17 +254,11 @@ class Run:
         return figures, samples
 
     def monitor_figures(self, samples: Trajectories) -> dict[str, float]:
-        """The monitoring reward's mean on the epoch's images, and the mean of each of its details.
-
-        Details are averaged over the samples where they are defined (e.g. ``scene_count`` only
-        for prompts that name a count).
-        """
+        """The monitoring reward's mean on the epoch's images, and the mean of each of its details
+        over the samples where it is defined (``RewardResult.detail_means``)."""
         result = self.monitor(samples.images, samples.prompts, samples.metadata)
         figures = {f"charts/monitor/{self.monitor.name}": float(result.rewards.float().mean())}
-        for key, values in result.details.items():
-            defined = values[np.isfinite(values)]
-            if defined.size:
-                figures[f"charts/monitor/{key}"] = float(defined.mean())
+        figures.update({f"charts/monitor/{key}": mean for key, mean in result.detail_means().items()})
         return figures
 
 
@@ -356,6 +350,15 @@ def train(config: TrainConfig, output_dir: Path, resume: bool = False) -> list[d
     return run.history
 
 
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The TrainConfig fields a TOML file sets; a key that is no field is refused by name."""
+    values: dict[str, Any] = tomllib.loads(path.read_text())
+    unknown = set(values) - {f.name for f in dataclasses.fields(TrainConfig)}
+    if unknown:
+        raise SystemExit(f"unknown keys in {path}: {sorted(unknown)}")
+    return values
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, bool]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, help="TOML file of TrainConfig fields; flags override it")
@@ -370,10 +373,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, bool]:
             convert = {"int": int, "float": float}.get(kind.split(" |")[0], str)
             parser.add_argument(flag, type=convert, default=None, help=config_field.metadata["help"])
     args = parser.parse_args(argv)
-    values: dict[str, Any] = tomllib.loads(args.config.read_text()) if args.config else {}
-    unknown = set(values) - {f.name for f in dataclasses.fields(TrainConfig)}
-    if unknown:
-        raise SystemExit(f"unknown keys in {args.config}: {sorted(unknown)}")
+    values = read_config_file(args.config) if args.config else {}
     values.update({k: v for k, v in vars(args).items() if k not in ("config", "output_dir", "resume") and v is not None})
     return TrainConfig(**values), args.output_dir, args.resume
 

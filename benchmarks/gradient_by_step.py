@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import tomllib
 from pathlib import Path
 
 import torch
 
 from agents.advantages import clip_advantages
 from agents.losses import clipped_surrogate_loss
-from agents.train import Run, TrainConfig
+from agents.train import Run, TrainConfig, read_config_file
 
 
 def main() -> None:
@@ -29,9 +28,7 @@ def main() -> None:
     parser.add_argument("--config", type=Path, required=True, help="a TrainConfig TOML file")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    values = tomllib.loads(args.config.read_text())
-    values.update(device=args.device, monitor=None)
-    config = TrainConfig(**values)
+    config = TrainConfig(**{**read_config_file(args.config), "device": args.device, "monitor": None})
     run = Run(config)
     samples = run.collect()
     advantages = clip_advantages(run.tracker.update(samples.prompts, samples.rewards), config.advantage_clip)

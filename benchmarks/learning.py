@@ -115,11 +115,13 @@ def sample(
 
 def figures_of(samples: Trajectories) -> dict[str, float]:
     result = make_reward("scene_alignment")(samples.images, samples.prompts, samples.metadata)
-    figures = {"jpeg_kb": float(jpeg_size_kb(samples.images).mean()), "scene_alignment": float(result.rewards.mean())}
-    for key, values in result.details.items():
-        defined = values[np.isfinite(values)]
-        figures[key] = float(defined.mean()) if defined.size else float("nan")
-    return figures
+    # An attribute no evaluated prompt names is reported as NaN, so that every table column exists.
+    return {
+        "jpeg_kb": float(jpeg_size_kb(samples.images).mean()),
+        "scene_alignment": float(result.rewards.mean()),
+        **{key: float("nan") for key in result.details},
+        **result.detail_means(),
+    }
 
 
 def save_pair_grid(pretrained: Trajectories, fine_tuned: Trajectories, path: Path, count: int = 12) -> None:

@@ -45,6 +45,16 @@ class RewardResult:
     rewards: torch.Tensor
     details: dict[str, np.ndarray] = field(default_factory=dict)
 
+    def detail_means(self) -> dict[str, float]:
+        """Each detail's mean over the samples where it is defined (finite), e.g. ``scene_count``
+        only over prompts that name a count; a detail defined for no sample is left out."""
+        means = {}
+        for key, values in self.details.items():
+            defined = values[np.isfinite(values)]
+            if defined.size:
+                means[key] = float(defined.mean())
+        return means
+
 
 def jpeg_size_kb(images: torch.Tensor, quality: int = 95) -> np.ndarray:
     """Size in kB (1,000 bytes) of each image ``(B, H, W, 3)`` uint8 saved as JPEG at ``quality``."""

@@ -199,3 +199,13 @@ def test_scene_alignment_scores_the_fraction_of_the_prompts_attributes_shown():
 def test_scene_alignment_needs_scene_metadata():
     with pytest.raises(RewardError, match="needs at least one of"):
         make_reward("scene_alignment")(images(batch=1), ["a cat"], [{}])
+
+
+def test_detail_means_average_only_where_a_detail_is_defined():
+    from diffusion_env.rewards import RewardResult
+
+    result = RewardResult(
+        rewards=torch.zeros(3),
+        details={"count": np.array([1.0, np.nan, 0.0]), "size": np.full(3, np.nan), "shape": np.ones(3)},
+    )
+    assert result.detail_means() == {"count": 0.5, "shape": 1.0}
