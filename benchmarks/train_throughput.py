@@ -8,7 +8,7 @@ step per minibatch. It runs at DDPO's published per-device train batch (4) and a
 Figures: transitions (sample, timestep pairs) trained per second, median over repeats, and peak
 memory.
 
-    python benchmarks/train_throughput.py --num-envs 32 --steps 20 --minibatch 64
+    python benchmarks/train_throughput.py --num-envs 32 --steps 20 --minibatch 64 [--model shapes32]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import diffusion_env  # noqa: F401  (registers DiffusionDenoise-v0)
 from agents import DDPOConfig, GaussianDenoisingPolicy, Trajectories, collect_trajectories, ddpo_update
 from agents.advantages import batch_normalized_advantages
 from agents.losses import clipped_surrogate_loss
-from diffusion_env.models import tiny_random_denoiser
+from diffusion_env.models import MODELS, make_denoiser, tiny_random_denoiser
 
 
 def timestep_loop_update(
@@ -65,13 +65,16 @@ def main() -> None:
     parser.add_argument("--num-envs", type=int, default=32, help="samples per batch")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps per sample")
     parser.add_argument("--minibatch", type=int, default=64, help="our (sample, timestep) pairs per network call")
-    parser.add_argument("--sample-size", type=int, default=32, help="image side of the test-sized UNet")
+    parser.add_argument("--model", default="tiny-random", choices=sorted(MODELS), help="denoiser back-end")
+    parser.add_argument("--sample-size", type=int, default=32, help="image side of the tiny-random UNet")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
 
-    backend = tiny_random_denoiser(sample_size=args.sample_size).to(device)
+    backend = make_denoiser(
+        tiny_random_denoiser(sample_size=args.sample_size) if args.model == "tiny-random" else args.model, device
+    )
     env = gym.make_vec("DiffusionDenoise-v0", num_envs=args.num_envs, model=backend,
                        num_inference_steps=args.steps, array_type="torch")
     policy = GaussianDenoisingPolicy.from_env(env)
@@ -93,7 +96,8 @@ def main() -> None:
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
     print(f"device {device} ({card}), torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"UNet {sum(p.numel() for p in backend.unet.parameters()) / 1e6:.2f} M parameters, "
-          f"{args.sample_size}x{args.sample_size}; {args.num_envs} samples x {args.steps} steps")
+          f"{args.model} {samples.latents.shape[-1]}x{samples.latents.shape[-2]}; "
+          f"{args.num_envs} samples x {args.steps} steps")
     rates = {}
     for name, update in paths.items():
         update()  # warm-up
