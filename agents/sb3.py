@@ -133,10 +133,17 @@ class DiffusionActorCriticPolicy(ActorCriticPolicy):
     this project's configs for the built-in model). The gradient's direction is unchanged; the
     entropy is divided by D as well.
 
+    ``min_sigma`` keeps the steps with sigma_t below it out of training, as ``DDPOConfig.min_sigma``
+    does: their recomputed log-likelihoods are detached, so their ratio is 1 and they add no
+    gradient. On the built-in model the step to t = 1 (sigma 0.015) alone gives two thirds of the
+    policy gradient's norm (``benchmarks/gradient_by_step.py``), which is pixel-level texture
+    rather than the prompted scene.
+
     Args:
         denoising_policy: the actor, e.g. ``GaussianDenoisingPolicy.from_env(envs)``.
         value_hidden: width of the critic's hidden layers.
         per_dimension_ratio: report log p / D instead of log p (see above).
+        min_sigma: steps with sigma_t below this are not trained on (see above); 0 trains on all.
         other arguments: as ``ActorCriticPolicy`` (``net_arch``, ``log_std_init``, ``use_sde``
             and the feature extractor are not used).
     """
@@ -149,10 +156,17 @@ class DiffusionActorCriticPolicy(ActorCriticPolicy):
         denoising_policy: GaussianDenoisingPolicy,
         value_hidden: int = 64,
         per_dimension_ratio: bool = False,
+        min_sigma: float = 0.0,
         **kwargs: Any,
     ) -> None:
         if not isinstance(denoising_policy, GaussianDenoisingPolicy):
             raise TypeError(f"denoising_policy must be a GaussianDenoisingPolicy, got {type(denoising_policy).__name__}")
+        largest_sigma = float(denoising_policy.transition.sigma.max())
+        if not 0.0 <= min_sigma <= largest_sigma:
+            raise ValueError(
+                f"min_sigma={min_sigma} would train on no step (largest sigma_t {largest_sigma:.4g}); "
+                f"allowed: 0 <= min_sigma <= {largest_sigma:.4g}"
+            )
         if kwargs.get("use_sde"):
             raise ValueError("use_sde=True replaces the sampler's noise; allowed: use_sde=False")
         # ActorCriticPolicy.__init__ ends by calling _build; these reach it before nn.Module's
@@ -160,6 +174,7 @@ class DiffusionActorCriticPolicy(ActorCriticPolicy):
         object.__setattr__(self, "_pending_actor", denoising_policy)
         object.__setattr__(self, "_pending_value_hidden", value_hidden)
         object.__setattr__(self, "_pending_per_dimension_ratio", bool(per_dimension_ratio))
+        object.__setattr__(self, "_pending_min_sigma", float(min_sigma))
         kwargs["ortho_init"] = False
         super().__init__(observation_space, action_space, lr_schedule, **kwargs)
 
@@ -168,6 +183,7 @@ class DiffusionActorCriticPolicy(ActorCriticPolicy):
         hidden = self.__dict__.pop("_pending_value_hidden")
         num_dims = math.prod(self.action_space.shape)
         self.log_prob_scale = 1.0 / num_dims if self.__dict__.pop("_pending_per_dimension_ratio") else 1.0
+        self.min_sigma = self.__dict__.pop("_pending_min_sigma")
         channels = self.observation_space["latent"].shape[0]
         embedding_dim = self.observation_space["prompt_embedding"].shape[-1]
         self.num_train_timesteps = float(self.observation_space["timestep"].high[0] + 1)
@@ -207,6 +223,7 @@ class DiffusionActorCriticPolicy(ActorCriticPolicy):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         log_prob = self.actor.log_prob(obs, actions)
         sigma = self.actor.std(obs)
+        log_prob = torch.where(sigma >= self.min_sigma, log_prob, log_prob.detach())
         num_dims = actions[0].numel()
         entropy = num_dims * (0.5 * (1.0 + math.log(2.0 * math.pi)) + torch.log(sigma))
         return self.predict_values(obs), log_prob * self.log_prob_scale, entropy * self.log_prob_scale

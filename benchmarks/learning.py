@@ -160,32 +160,42 @@ def save_curves(history: list[dict[str, float]], title: str, path: Path) -> None
     plt.close(figure)
 
 
-def smoothed(history: list[dict[str, float]], window: float) -> tuple[np.ndarray, np.ndarray]:
-    """Reward queries and the mean reward over the last ``window`` queries (each update weighted by its queries)."""
+def smoothed(history: list[dict[str, float]], window: float, key: str = "charts/reward_mean") -> tuple[np.ndarray, np.ndarray]:
+    """Reward queries and the mean of ``key`` over the last ``window`` queries (each update weighted by its queries)."""
     queries = np.array([h["charts/reward_queries"] for h in history])
     counts = np.diff(queries, prepend=0.0)
-    rewards = np.array([h["charts/reward_mean"] for h in history])
+    values = np.array([h[key] for h in history])
     means = []
     for index, end in enumerate(queries):
         recent = queries[: index + 1] > end - window
-        means.append(float(np.sum(rewards[: index + 1][recent] * counts[: index + 1][recent]) / np.sum(counts[: index + 1][recent])))
+        means.append(float(np.sum(values[: index + 1][recent] * counts[: index + 1][recent]) / np.sum(counts[: index + 1][recent])))
     return queries, np.array(means)
 
 
+MONITORED_ALIGNMENT = "charts/monitor/scene_alignment"
+
+
 def save_comparison(histories: dict[str, list[dict[str, float]]], path: Path, window: float) -> None:
-    """Each run's training reward per reward query: raw (faint) and averaged over ``window`` queries."""
+    """Each run's training reward per reward query, raw (faint) and averaged over ``window``
+    queries; beside it the monitored prompt alignment of the runs that logged one."""
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 4.2))
-    for label, history in histories.items():
-        queries, means = smoothed(history, window)
-        raw = axis.plot(queries, [h["charts/reward_mean"] for h in history], alpha=0.25, linewidth=0.8)
-        axis.plot(queries, means, color=raw[0].get_color(), label=label)
-    axis.set_xlabel("reward queries")
-    axis.set_ylabel("training reward")
-    axis.set_title(f"faint: per update; line: mean over the last {window:g} reward queries", fontsize=9)
-    axis.grid(alpha=0.3)
-    axis.legend()
+    monitored = {label: history for label, history in histories.items() if MONITORED_ALIGNMENT in history[0]}
+    figure, axes = plt.subplots(1, 2 if monitored else 1, figsize=(12 if monitored else 7, 4.2), squeeze=False)
+    panels = [(axes[0, 0], histories, "charts/reward_mean", "training reward")]
+    if monitored:
+        panels.append((axes[0, 1], monitored, MONITORED_ALIGNMENT, "prompt alignment of the training samples"))
+    for axis, runs, key, name in panels:
+        for label, history in runs.items():
+            queries, means = smoothed(history, window, key)
+            color = f"C{list(histories).index(label)}"
+            axis.plot(queries, [h[key] for h in history], color=color, alpha=0.25, linewidth=0.8)
+            axis.plot(queries, means, color=color, label=label)
+        axis.set_xlabel("reward queries")
+        axis.set_ylabel(name)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.suptitle(f"faint: per update; line: mean over the last {window:g} reward queries", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -81,12 +81,19 @@ def main() -> None:
         "per-minibatch advantage normalisation compares samples of one prompt (DDPO's per-prompt statistics)",
     )
     parser.add_argument("--model", default=None, help="registered model name (default: the env's built-in model)")
-    parser.add_argument("--learning-rate", type=float, default=3e-4)
+    parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument(
         "--lora-rank", type=int, default=0,
         help="LoRA rank; 0 (default) fine-tunes the whole UNet, as the built-in model needs (see agents/configs)",
     )
-    parser.add_argument("--batch-size", type=int, default=64, help="transitions per PPO minibatch")
+    parser.add_argument(
+        "--batch-size", type=int, default=None,
+        help="transitions per PPO minibatch (default: the whole rollout, one optimiser step per rollout)",
+    )
+    parser.add_argument(
+        "--min-sigma", type=float, default=0.05,
+        help="steps with sigma_t below this are not trained on (as agents.train's --min-sigma)",
+    )
     parser.add_argument("--n-epochs", type=int, default=1, help="PPO passes over each rollout")
     parser.add_argument("--clip-range", type=float, default=1e-3, help="PPO clip (of the per-dimension ratio by default)")
     parser.add_argument(
@@ -117,7 +124,7 @@ def main() -> None:
         DiffusionActorCriticPolicy,
         SB3VecEnvAdapter(envs),
         n_steps=args.num_inference_steps,  # one episode per environment per rollout
-        batch_size=args.batch_size,
+        batch_size=args.batch_size or args.num_envs * args.num_inference_steps,
         n_epochs=args.n_epochs,
         gamma=1.0,
         gae_lambda=1.0,
@@ -127,7 +134,11 @@ def main() -> None:
         max_grad_norm=1.0,
         seed=args.seed,
         device=args.device,
-        policy_kwargs={"denoising_policy": actor, "per_dimension_ratio": not args.exact_ratio},
+        policy_kwargs={
+            "denoising_policy": actor,
+            "per_dimension_ratio": not args.exact_ratio,
+            "min_sigma": args.min_sigma,
+        },
     )
     history = RewardHistory()
     model.learn(total_timesteps=args.rollouts * args.num_envs * args.num_inference_steps, callback=history)

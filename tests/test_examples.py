@@ -24,7 +24,7 @@ def test_example_runs(script, argv, monkeypatch, capsys):
 
 
 def test_sb3_ppo_example_writes_its_reward_history_and_weights(tmp_path, monkeypatch, capsys):
-    argv = ["--rollouts", "2", "--num-envs", "2", "--samples-per-prompt", "2", "--num-inference-steps", "2", "--batch-size", "4",
+    argv = ["--rollouts", "2", "--num-envs", "2", "--samples-per-prompt", "2", "--num-inference-steps", "2", "--batch-size", "4", "--min-sigma", "0",
             "--model", "tiny-random", "--device", "cpu", "--output-dir", str(tmp_path)]
     monkeypatch.setattr(sys, "argv", ["sb3_ppo.py", *argv])
     runpy.run_path(str(EXAMPLES / "sb3_ppo.py"), run_name="__main__")

@@ -18,7 +18,7 @@ def test_learning_benchmark_compares_a_run_with_the_pretrained_model(tmp_path, m
                          monitor="scene_alignment", device="cpu")
     train(config, tmp_path / "run")
     monkeypatch.setattr(sys, "argv", ["sb3_ppo.py", "--rollouts", "1", "--num-envs", "2", "--samples-per-prompt", "2",
-                                      "--num-inference-steps", "2", "--batch-size", "4", "--model", "tiny-random",
+                                      "--num-inference-steps", "2", "--batch-size", "4", "--min-sigma", "0", "--model", "tiny-random",
                                       "--device", "cpu", "--output-dir", str(tmp_path / "sb3")])
     runpy.run_path(str(EXAMPLES / "sb3_ppo.py"), run_name="__main__")
     capsys.readouterr()

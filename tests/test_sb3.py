@@ -92,3 +92,36 @@ def test_sb3_a2c_runs_with_the_diffusion_policy(make_vec_env):
                 device="cpu", policy_kwargs={"denoising_policy": GaussianDenoisingPolicy.from_env(envs)})
     model.learn(total_timesteps=2 * NUM_STEPS)
     assert model.num_timesteps == 2 * NUM_STEPS
+
+
+def test_min_sigma_keeps_small_sigma_steps_out_of_the_gradient(make_vec_env):
+    import torch
+
+    from agents import GaussianDenoisingPolicy
+    from agents.sb3 import DiffusionActorCriticPolicy
+
+    envs = make_vec_env(num_envs=2, autoreset_mode=AutoresetMode.SAME_STEP)
+    actor = GaussianDenoisingPolicy.from_env(envs)
+    threshold = float(actor.transition.sigma[:NUM_STEPS].median())
+    model = PPO(DiffusionActorCriticPolicy, SB3VecEnvAdapter(envs), n_steps=NUM_STEPS, seed=0, device="cpu",
+                policy_kwargs={"denoising_policy": actor, "min_sigma": threshold})
+    _, callback = model._setup_learn(total_timesteps=NUM_STEPS)
+    model.collect_rollouts(model.env, callback, model.rollout_buffer, n_rollout_steps=NUM_STEPS)
+    buffer = model.rollout_buffer
+    obs = {key: torch.as_tensor(value.reshape(-1, *value.shape[2:])) for key, value in buffer.observations.items()}
+    actions = torch.as_tensor(buffer.actions.reshape(-1, *buffer.actions.shape[2:]))
+    _, log_prob, _ = model.policy.evaluate_actions(obs, actions)
+    # The values are the exact log-likelihoods at every step; only the gradient is cut.
+    torch.testing.assert_close(log_prob.detach(), actor.log_prob(obs, actions).detach())
+    trained = actor.std(obs) >= threshold
+    assert trained.any() and not trained.all()
+    for row in range(len(actions)):
+        actor.zero_grad(set_to_none=True)
+        _, log_prob, _ = model.policy.evaluate_actions(obs, actions)
+        log_prob[row].backward()
+        has_gradient = any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in actor.parameters())
+        assert has_gradient == bool(trained[row])
+
+    with pytest.raises(ValueError, match="min_sigma"):
+        PPO(DiffusionActorCriticPolicy, SB3VecEnvAdapter(envs), n_steps=NUM_STEPS, device="cpu",
+            policy_kwargs={"denoising_policy": actor, "min_sigma": float(actor.transition.sigma.max()) * 2})
