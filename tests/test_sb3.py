@@ -103,8 +103,8 @@ def test_min_sigma_keeps_small_sigma_steps_out_of_the_gradient(make_vec_env):
     envs = make_vec_env(num_envs=2, autoreset_mode=AutoresetMode.SAME_STEP)
     actor = GaussianDenoisingPolicy.from_env(envs)
     threshold = float(actor.transition.sigma[:NUM_STEPS].median())
-    model = PPO(DiffusionActorCriticPolicy, SB3VecEnvAdapter(envs), n_steps=NUM_STEPS, seed=0, device="cpu",
-                policy_kwargs={"denoising_policy": actor, "min_sigma": threshold})
+    model = PPO(DiffusionActorCriticPolicy, SB3VecEnvAdapter(envs), n_steps=NUM_STEPS, batch_size=2 * NUM_STEPS,
+                seed=0, device="cpu", policy_kwargs={"denoising_policy": actor, "min_sigma": threshold})
     _, callback = model._setup_learn(total_timesteps=NUM_STEPS)
     model.collect_rollouts(model.env, callback, model.rollout_buffer, n_rollout_steps=NUM_STEPS)
     buffer = model.rollout_buffer
@@ -123,5 +123,21 @@ def test_min_sigma_keeps_small_sigma_steps_out_of_the_gradient(make_vec_env):
         assert has_gradient == bool(trained[row])
 
     with pytest.raises(ValueError, match="min_sigma"):
-        PPO(DiffusionActorCriticPolicy, SB3VecEnvAdapter(envs), n_steps=NUM_STEPS, device="cpu",
-            policy_kwargs={"denoising_policy": actor, "min_sigma": float(actor.transition.sigma.max()) * 2})
+        PPO(DiffusionActorCriticPolicy, SB3VecEnvAdapter(envs), n_steps=NUM_STEPS, batch_size=2 * NUM_STEPS,
+            device="cpu", policy_kwargs={"denoising_policy": actor, "min_sigma": float(actor.transition.sigma.max()) * 2})
+
+
+def test_adam_eps_defaults_to_pytorchs_not_sb3s(make_vec_env):
+    from agents import GaussianDenoisingPolicy
+    from agents.sb3 import DiffusionActorCriticPolicy
+
+    envs = make_vec_env(num_envs=2, autoreset_mode=AutoresetMode.SAME_STEP)
+    actor = GaussianDenoisingPolicy.from_env(envs)
+    default = PPO(DiffusionActorCriticPolicy, SB3VecEnvAdapter(envs), n_steps=NUM_STEPS, batch_size=2 * NUM_STEPS,
+                  device="cpu",
+                  policy_kwargs={"denoising_policy": actor})
+    assert default.policy.optimizer.defaults["eps"] == 1e-8  # SB3's own policies get 1e-5
+    chosen = PPO(DiffusionActorCriticPolicy, SB3VecEnvAdapter(envs), n_steps=NUM_STEPS, batch_size=2 * NUM_STEPS,
+                 device="cpu",
+                 policy_kwargs={"denoising_policy": actor, "optimizer_kwargs": {"eps": 1e-6}})
+    assert chosen.policy.optimizer.defaults["eps"] == 1e-6
