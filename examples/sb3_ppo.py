@@ -4,17 +4,19 @@
 
 The denoiser's Gaussian transition is SB3's action distribution (``DiffusionActorCriticPolicy``);
 SB3 runs its own PPO on it: N episodes of K steps per rollout (one reward query per episode,
-paid at the last step; by default all N of one prompt, see ``--samples-per-prompt``), GAE with gamma = lambda = 1 (so an advantage is the final reward minus
-the critic's estimate), the clipped objective on DDPO's per-dimension ratio (clip 1e-3, as the
-DDPO-IS configs; ``--exact-ratio`` clips the full-likelihood ratio instead), Adam on the
-UNet (whole, or LoRA adapters with ``--lora-rank``) and on the critic. The per-rollout mean
-reward is written to ``history.json`` (as ``agents.train`` names it), which
-``benchmarks/learning.py --compare`` plots next to DDPO-IS per reward query (and evaluates against the
-pretrained model), the UNet's trained weights to ``actor.safetensors`` and the arguments to
-``args.json``.
+paid at the last step; by default all N of one prompt, see ``--samples-per-prompt``), GAE with
+gamma = lambda = 1 (so an advantage is the final reward minus the critic's estimate), the
+clipped objective on DDPO's per-dimension ratio (clip 1e-3, as the DDPO-IS configs;
+``--exact-ratio`` clips the full-likelihood ratio instead), one Adam step per rollout on the
+UNet (whole, or LoRA adapters with ``--lora-rank``) and on the critic, the steps with sigma_t
+below ``--min-sigma`` left out. The per-rollout mean reward is written to ``history.json`` (as
+``agents.train`` names it), which ``benchmarks/learning.py --compare`` plots next to DDPO-IS per
+reward query (and evaluates against the pretrained model), the UNet's trained weights to
+``actor.safetensors`` and the arguments to ``args.json``.
 
-Measured with the defaults (README, "Stable-Baselines3"): the reward rises, but by collapsing
-every image to a flat field; a recipe that keeps the prompted scene is open work.
+Measured with the defaults (README, "Stable-Baselines3"): 160 rollouts in 18 minutes on a
+2-core CPU take the mean JPEG size from 1.173 to 0.871 kB (-26 %) with the prompted background
+kept in 88 % of the samples and the shapes gone.
 """
 
 from __future__ import annotations
