@@ -15,17 +15,21 @@ Gaussian transition, so that SB3's PPO or A2C fine-tunes the diffusion model:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
-
-import math
 
 import gymnasium as gym
 import numpy as np
 import torch
 from gymnasium.vector import AutoresetMode
 from stable_baselines3.common.policies import ActorCriticPolicy
-from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices, VecEnvObs, VecEnvStepReturn
+from stable_baselines3.common.vec_env.base_vec_env import (
+    VecEnv,
+    VecEnvIndices,
+    VecEnvObs,
+    VecEnvStepReturn,
+)
 from torch import nn
 
 from agents.policy import GaussianDenoisingPolicy

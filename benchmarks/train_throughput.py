@@ -24,7 +24,13 @@ import gymnasium as gym
 import torch
 
 import diffusion_env  # noqa: F401  (registers DiffusionDenoise-v0)
-from agents import DDPOConfig, GaussianDenoisingPolicy, Trajectories, collect_trajectories, ddpo_update
+from agents import (
+    DDPOConfig,
+    GaussianDenoisingPolicy,
+    Trajectories,
+    collect_trajectories,
+    ddpo_update,
+)
 from agents.advantages import batch_normalized_advantages
 from agents.losses import clipped_surrogate_loss
 from diffusion_env.models import MODELS, make_denoiser, tiny_random_denoiser
