@@ -223,14 +223,18 @@ class Run:
             ]
         )
 
-    def train_epoch(self) -> tuple[dict[str, float], Trajectories]:
-        config = self.config
-        samples = self.collect()
-        if config.per_prompt_advantages:
+    def advantages(self, samples: Trajectories) -> torch.Tensor:
+        """The batch's clipped advantages: per-prompt statistics (updating the tracker) or batch ones."""
+        if self.config.per_prompt_advantages:
             advantages = self.tracker.update(samples.prompts, samples.rewards)
         else:
             advantages = batch_normalized_advantages(samples.rewards)
-        advantages = clip_advantages(advantages, config.advantage_clip)
+        return clip_advantages(advantages, self.config.advantage_clip)
+
+    def train_epoch(self) -> tuple[dict[str, float], Trajectories]:
+        config = self.config
+        samples = self.collect()
+        advantages = self.advantages(samples)
         if config.algorithm == "rwr":
             figures = rwr_update(self.policy, samples, self.optimizer, config.rwr(), self.update_generator, advantages)
         else:

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 
-from agents.advantages import clip_advantages
 from agents.losses import clipped_surrogate_loss
 from agents.train import Run, TrainConfig, read_config_file
 
@@ -31,7 +30,7 @@ def main() -> None:
     config = TrainConfig(**{**read_config_file(args.config), "device": args.device, "monitor": None})
     run = Run(config)
     samples = run.collect()
-    advantages = clip_advantages(run.tracker.update(samples.prompts, samples.rewards), config.advantage_clip)
+    advantages = run.advantages(samples)
     num_dims = math.prod(samples.latents.shape[2:])
     indices = torch.arange(samples.batch_size, device=samples.latents.device)
     norms = []
