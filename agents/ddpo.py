@@ -48,6 +48,11 @@ class DDPOConfig:
             last steps of a DDIM schedule (sigma_t ~ 0.01) dominate the gradient norm with noise
             (``benchmarks/gradient_by_step.py``: 78 % of it from the last 2 of 20 steps on the
             built-in model). 0 trains on every step, as DDPO does.
+        max_sigma: steps whose sigma_t is above this are not trained on (default: none left out).
+            With ``min_sigma`` it picks a window of the schedule: the first, noisiest steps lay
+            out the scene (where shapes go, how many, the background), the later ones add the
+            detail; a reward about detail (JPEG size) can be trained on the later steps alone,
+            and one about layout (counts) on the first ones.
         max_grad_norm: gradient-norm clip.
         kl_coefficient: weight of the exact KL to a reference policy (DPOK); 0 disables it.
     """
@@ -60,6 +65,7 @@ class DDPOConfig:
     gradient_accumulation: int = 1
     timestep_fraction: float = 1.0
     min_sigma: float = 0.0
+    max_sigma: float = math.inf
     max_grad_norm: float = 1.0
     kl_coefficient: float = 0.0
 
@@ -70,6 +76,8 @@ class DDPOConfig:
             raise ValueError(f"timestep_fraction={self.timestep_fraction}; allowed: (0, 1]")
         if not self.min_sigma >= 0.0:
             raise ValueError(f"min_sigma={self.min_sigma}; allowed: >= 0")
+        if not self.max_sigma >= self.min_sigma:
+            raise ValueError(f"max_sigma={self.max_sigma} < min_sigma={self.min_sigma}; allowed: max_sigma >= min_sigma")
         for name in ("inner_epochs", "minibatch_size", "gradient_accumulation"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}; allowed: an int >= 1")
@@ -96,11 +104,12 @@ def ddpo_update(
         raise ValueError("kl_coefficient > 0 needs the reference (pretrained) policy")
     trainable = [p for p in policy.parameters() if p.requires_grad]
     num_dims = math.prod(trajectories.latents.shape[2:])
-    eligible = torch.nonzero(policy.transition.sigma[: trajectories.num_steps].cpu() >= config.min_sigma).flatten()
+    sigma = policy.transition.sigma[: trajectories.num_steps].cpu()
+    eligible = torch.nonzero((sigma >= config.min_sigma) & (sigma <= config.max_sigma)).flatten()
     if len(eligible) == 0:
         raise ValueError(
-            f"min_sigma={config.min_sigma} excludes every step (largest sigma_t "
-            f"{float(policy.transition.sigma.max()):.4g}); allowed: a smaller min_sigma"
+            f"min_sigma={config.min_sigma} and max_sigma={config.max_sigma} exclude every step (sigma_t "
+            f"ranges over [{float(sigma.min()):.4g}, {float(sigma.max()):.4g}]); allowed: a window holding one of them"
         )
     num_train_steps = max(1, round(config.timestep_fraction * len(eligible)))
     inner_epochs = config.inner_epochs if config.estimator == "is" else 1

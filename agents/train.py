@@ -72,6 +72,7 @@ class TrainConfig:
     gradient_accumulation: int = field(default=1, metadata={"help": "minibatches per optimiser step"})
     timestep_fraction: float = field(default=1.0, metadata={"help": "fraction of timesteps trained on"})
     min_sigma: float = field(default=0.0, metadata={"help": "DDPO: steps with sigma_t below this are not trained on"})
+    max_sigma: float = field(default=math.inf, metadata={"help": "DDPO: steps with sigma_t above this are not trained on"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
     kl_coefficient: float = field(default=0.0, metadata={"help": "weight of the KL to the pretrained model"})
     rwr_weighting: str = field(default="exponential", metadata={"help": "RWR weights: exponential or sparse"})
@@ -104,6 +105,7 @@ class TrainConfig:
             gradient_accumulation=self.gradient_accumulation,
             timestep_fraction=self.timestep_fraction,
             min_sigma=self.min_sigma,
+            max_sigma=self.max_sigma,
             max_grad_norm=self.max_grad_norm,
             kl_coefficient=self.kl_coefficient,
         )

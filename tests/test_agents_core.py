@@ -209,14 +209,14 @@ def test_rwr_weights_come_from_the_given_scores_in_place_of_the_rewards(make_vec
         rwr_update(policy, trajectories, optimizer, config, torch.Generator(), torch.zeros(3))
 
 
-def test_min_sigma_leaves_the_nearly_deterministic_steps_out_of_training(make_vec_env, monkeypatch):
+def test_min_and_max_sigma_pick_the_window_of_steps_trained_on(make_vec_env, monkeypatch):
     from agents.ddpo import DDPOConfig, ddpo_update
 
     env = make_vec_env(num_envs=2, array_type="torch")
     policy = GaussianDenoisingPolicy.from_env(env)
     trajectories = collect_trajectories(env, policy, generator=torch.Generator().manual_seed(0), seed=0)
     sigma = policy.transition.sigma.cpu()
-    threshold = float(sigma.sort().values[1])  # leaves out the step with the smallest sigma_t only
+    ascending = sigma.sort().values
     trained_steps = []
     original = Trajectories.minibatches
 
@@ -226,9 +226,17 @@ def test_min_sigma_leaves_the_nearly_deterministic_steps_out_of_training(make_ve
 
     monkeypatch.setattr(Trajectories, "minibatches", recording)
     optimizer = torch.optim.AdamW(policy.backend.unet.parameters(), lr=1e-4)
-    ddpo_update(policy, trajectories, torch.tensor([1.0, -1.0]), optimizer, DDPOConfig(min_sigma=threshold),
-                torch.Generator().manual_seed(0))
-    assert trained_steps == [sorted(set(range(NUM_STEPS)) - {int(sigma.argmin())})]
-    with pytest.raises(ValueError, match="excludes every step"):
-        ddpo_update(policy, trajectories, torch.tensor([1.0, -1.0]), optimizer,
-                    DDPOConfig(min_sigma=float(sigma.max()) + 1.0), torch.Generator())
+    advantages = torch.tensor([1.0, -1.0])
+    # min_sigma at the second smallest sigma_t leaves out the step with the smallest one only,
+    # max_sigma at the second largest the step with the largest one only.
+    for config, left_out in (
+        (DDPOConfig(min_sigma=float(ascending[1])), int(sigma.argmin())),
+        (DDPOConfig(max_sigma=float(ascending[-2])), int(sigma.argmax())),
+    ):
+        ddpo_update(policy, trajectories, advantages, optimizer, config, torch.Generator().manual_seed(0))
+        assert trained_steps.pop() == sorted(set(range(NUM_STEPS)) - {left_out})
+    for config in (DDPOConfig(min_sigma=float(sigma.max()) + 1.0), DDPOConfig(max_sigma=float(sigma.min()) / 2)):
+        with pytest.raises(ValueError, match="exclude every step"):
+            ddpo_update(policy, trajectories, advantages, optimizer, config, torch.Generator())
+    with pytest.raises(ValueError, match="max_sigma=0.1 < min_sigma=0.2"):
+        DDPOConfig(min_sigma=0.2, max_sigma=0.1)
