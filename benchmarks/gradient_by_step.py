@@ -1,18 +1,25 @@
-"""Where does a DDPO-IS gradient come from? Its norm per denoising step, on one batch.
+"""Where does a DDPO-IS gradient come from, and how much of it is signal? Per denoising step.
 
     python benchmarks/gradient_by_step.py --config agents/configs/compressibility.toml
+    python benchmarks/gradient_by_step.py --config agents/configs/alignment.toml --batches 3
 
-Collects one epoch of samples with the pretrained policy (as ``agents.train`` does), turns the
+Collects epochs of samples with the pretrained policy (as ``agents.train`` does), turns the
 rewards into advantages, and for each step k backpropagates the clipped surrogate loss of all
 samples at that step alone (at the sampling policy, where the ratio is 1). Prints sigma_t, the
 gradient norm of the step's loss and its share of the sum over steps. The gradient of
 log N(x; mu, sigma^2 I) with respect to mu is (x - mu) / sigma^2 = z / sigma, so steps with a
 small sigma_t weigh in with large, noisy gradients.
+
+With ``--batches N`` (N >= 2) it collects N independent epochs and prints, for windows of
+consecutive steps, the mean cosine similarity between the epochs' gradients. One epoch's
+gradient is the expected gradient plus sampling noise; two independent epochs share only the
+former, so a mean cosine near 0 says that one epoch's update is mostly noise.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 from pathlib import Path
 
@@ -22,18 +29,13 @@ from agents.losses import clipped_surrogate_loss
 from agents.train import Run, TrainConfig, read_config_file
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", type=Path, required=True, help="a TrainConfig TOML file")
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
-    config = TrainConfig(**{**read_config_file(args.config), "device": args.device, "monitor": None})
-    run = Run(config)
+def gradients_by_step(run: Run, config: TrainConfig) -> list[torch.Tensor]:
+    """One epoch of samples; the flattened gradient of each step's surrogate loss."""
     samples = run.collect()
     advantages = run.advantages(samples)
     num_dims = math.prod(samples.latents.shape[2:])
     indices = torch.arange(samples.batch_size, device=samples.latents.device)
-    norms = []
+    gradients = []
     for step in range(samples.num_steps):
         steps = torch.full_like(indices, step)
         run.optimizer.zero_grad(set_to_none=True)
@@ -43,14 +45,40 @@ def main() -> None:
             num_dims if config.per_dimension_ratio else None,
         )
         loss.backward()
-        norms.append(float(torch.sqrt(sum(p.grad.square().sum() for p in run.trainable.values() if p.grad is not None))))
+        gradients.append(torch.cat([p.grad.flatten() for p in run.trainable.values() if p.grad is not None]))
+    return gradients
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, required=True, help="a TrainConfig TOML file")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batches", type=int, default=1, help="independent epochs of samples (>= 2: cosines too)")
+    parser.add_argument("--window", type=int, default=6, help="consecutive steps per window of the cosine table")
+    args = parser.parse_args()
+    if args.batches < 1 or args.window < 1:
+        raise SystemExit(f"--batches={args.batches}, --window={args.window}; allowed: ints >= 1")
+    config = TrainConfig(**{**read_config_file(args.config), "device": args.device, "monitor": None})
+    run = Run(config)
+    epochs = [gradients_by_step(run, config) for _ in range(args.batches)]
+    num_steps = len(epochs[0])
+    norms = [sum(float(epoch[step].norm()) for epoch in epochs) / len(epochs) for step in range(num_steps)]
     total = sum(norms)
-    print(f"{samples.batch_size} samples, {config.reward}, {len(run.trainable)} trainable tensors")
-    print("| step | timestep | sigma_t | gradient norm | share |")
-    print("|---:|---:|---:|---:|---:|")
+    print(f"{config.num_envs * config.batches_per_epoch} samples an epoch, {args.batches} epoch(s), {config.reward}")
+    print("| step | sigma_t | gradient norm | share |")
+    print("|---:|---:|---:|---:|")
     for step, norm in enumerate(norms):
-        sigma = float(run.policy.transition.sigma[step])
-        print(f"| {step} | {int(samples.timesteps[0, step])} | {sigma:.4f} | {norm:.3g} | {norm / total:.1%} |")
+        print(f"| {step} | {float(run.policy.transition.sigma[step]):.4f} | {norm:.3g} | {norm / total:.1%} |")
+    if args.batches < 2:
+        return
+    print("\n| steps | cosine between epochs' gradients: mean (each pair) |")
+    print("|---|---|")
+    for start in range(0, num_steps, args.window):
+        window = range(start, min(start + args.window, num_steps))
+        summed = [sum(epoch[step] for step in window) for epoch in epochs]
+        cosines = [float(torch.nn.functional.cosine_similarity(a, b, dim=0)) for a, b in itertools.combinations(summed, 2)]
+        pairs = ", ".join(f"{c:+.3f}" for c in cosines)
+        print(f"| {window.start}-{window.stop - 1} | {sum(cosines) / len(cosines):+.3f} ({pairs}) |")
 
 
 if __name__ == "__main__":

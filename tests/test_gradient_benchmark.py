@@ -1,0 +1,55 @@
+"""The gradient benchmark splits one epoch's DDPO-IS gradient by step, and compares epochs."""
+
+import math
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from agents.losses import clipped_surrogate_loss
+from agents.train import Run, TrainConfig
+
+SCRIPT = Path(__file__).parent.parent / "benchmarks" / "gradient_by_step.py"
+SETTINGS = dict(model="tiny-random", num_envs=4, samples_per_prompt=2, batches_per_epoch=1, num_inference_steps=4,
+                lora_rank=0, clip_range=1e-3, device="cpu")
+
+
+def test_the_steps_gradients_add_up_to_the_gradient_of_the_whole_epoch():
+    gradients_by_step = runpy.run_path(str(SCRIPT))["gradients_by_step"]
+    config = TrainConfig(**SETTINGS)
+    by_step = gradients_by_step(Run(config), config)
+    assert len(by_step) == config.num_inference_steps
+    # The same epoch again (same seed), all (sample, step) pairs in one loss.
+    run = Run(config)
+    samples = run.collect()
+    advantages = run.advantages(samples)
+    pairs = torch.cartesian_prod(torch.arange(samples.batch_size), torch.arange(samples.num_steps))
+    indices, steps = pairs[:, 0], pairs[:, 1]
+    log_probs = run.policy.log_prob(samples.observations(indices, steps), samples.actions(indices, steps))
+    loss, _ = clipped_surrogate_loss(log_probs, samples.log_probs[indices, steps], advantages[indices],
+                                     config.clip_range, math.prod(samples.latents.shape[2:]))
+    (loss * samples.num_steps).backward()  # the mean over all pairs is the mean of the per-step means
+    whole = torch.cat([p.grad.flatten() for p in run.trainable.values()])
+    assert whole.norm() > 0
+    # Equal up to float32 rounding (one network call per step against one for all pairs): 2e-5 measured.
+    assert float((sum(by_step) - whole).norm() / whole.norm()) < 1e-4
+
+
+def test_the_script_prints_each_step_and_the_cosines_between_epochs(tmp_path, monkeypatch, capsys):
+    config_file = tmp_path / "config.toml"
+    config_file.write_text("\n".join(f"{k} = {v!r}".replace("'", '"') for k, v in SETTINGS.items() if k != "device"))
+    monkeypatch.setattr(sys, "argv", ["gradient_by_step.py", "--config", str(config_file), "--batches", "3", "--window", "2"])
+    runpy.run_path(str(SCRIPT), run_name="__main__")
+    lines = capsys.readouterr().out.splitlines()
+    step_rows = [line.split("|") for line in lines if line.startswith("| ") and line.split("|")[1].strip().isdigit()]
+    assert [int(row[1]) for row in step_rows] == [0, 1, 2, 3]
+    assert sum(float(row[4].strip().rstrip("%")) for row in step_rows) == pytest.approx(100, abs=0.3)
+    window_rows = [line.split("|") for line in lines if line.startswith("| 0-1 ") or line.startswith("| 2-3 ")]
+    assert len(window_rows) == 2
+    for row in window_rows:
+        mean, pairs = row[2].split(" (")
+        values = [float(v) for v in pairs.rstrip(") ").split(", ")]
+        assert len(values) == 3 and all(-1 <= v <= 1 for v in values)
+        assert float(mean) == pytest.approx(sum(values) / 3, abs=2e-3)
