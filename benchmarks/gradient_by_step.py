@@ -60,22 +60,32 @@ def main() -> None:
         raise SystemExit(f"--batches={args.batches}, --window={args.window}; allowed: ints >= 1")
     config = TrainConfig(**{**read_config_file(args.config), "device": args.device, "monitor": None})
     run = Run(config)
-    epochs = [gradients_by_step(run, config) for _ in range(args.batches)]
-    num_steps = len(epochs[0])
-    norms = [sum(float(epoch[step].norm()) for epoch in epochs) / len(epochs) for step in range(num_steps)]
+    num_steps = config.num_inference_steps
+    windows = [range(start, min(start + args.window, num_steps)) for start in range(0, num_steps, args.window)]
+    # Each epoch is reduced at once to its per-step norms and per-window sums, so that only one
+    # epoch's per-step gradients are held at a time.
+    step_norms, window_gradients = [], []
+    for _ in range(args.batches):
+        gradients = gradients_by_step(run, config)
+        step_norms.append([float(gradient.norm()) for gradient in gradients])
+        window_gradients.append([sum(gradients[step] for step in window) for window in windows])
+    norms = [sum(epoch[step] for epoch in step_norms) / args.batches for step in range(num_steps)]
     total = sum(norms)
     print(f"{config.num_envs * config.batches_per_epoch} samples an epoch, {args.batches} epoch(s), {config.reward}")
-    print("| step | sigma_t | gradient norm | share |")
-    print("|---:|---:|---:|---:|")
+    print("| step | timestep | sigma_t | gradient norm | share |")
+    print("|---:|---:|---:|---:|---:|")
+    transition = run.policy.transition
     for step, norm in enumerate(norms):
-        print(f"| {step} | {float(run.policy.transition.sigma[step]):.4f} | {norm:.3g} | {norm / total:.1%} |")
+        print(
+            f"| {step} | {int(transition.timesteps[step])} | {float(transition.sigma[step]):.4f} | "
+            f"{norm:.3g} | {norm / total:.1%} |"
+        )
     if args.batches < 2:
         return
     print("\n| steps | cosine between epochs' gradients: mean (each pair) |")
     print("|---|---|")
-    for start in range(0, num_steps, args.window):
-        window = range(start, min(start + args.window, num_steps))
-        summed = [sum(epoch[step] for step in window) for epoch in epochs]
+    for index, window in enumerate(windows):
+        summed = [epoch[index] for epoch in window_gradients]
         cosines = [float(torch.nn.functional.cosine_similarity(a, b, dim=0)) for a, b in itertools.combinations(summed, 2)]
         pairs = ", ".join(f"{c:+.3f}" for c in cosines)
         print(f"| {window.start}-{window.stop - 1} | {sum(cosines) / len(cosines):+.3f} ({pairs}) |")

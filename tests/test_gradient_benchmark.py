@@ -45,7 +45,7 @@ def test_the_script_prints_each_step_and_the_cosines_between_epochs(tmp_path, mo
     lines = capsys.readouterr().out.splitlines()
     step_rows = [line.split("|") for line in lines if line.startswith("| ") and line.split("|")[1].strip().isdigit()]
     assert [int(row[1]) for row in step_rows] == [0, 1, 2, 3]
-    assert sum(float(row[4].strip().rstrip("%")) for row in step_rows) == pytest.approx(100, abs=0.3)
+    assert sum(float(row[5].strip().rstrip("%")) for row in step_rows) == pytest.approx(100, abs=0.3)
     window_rows = [line.split("|") for line in lines if line.startswith("| 0-1 ") or line.startswith("| 2-3 ")]
     assert len(window_rows) == 2
     for row in window_rows:
