@@ -206,6 +206,17 @@ def test_splits_disjoint_and_cover_all_combinations() -> None:
         assert {m[key] for _, m in train} == {m[key] for _, m in everything}
 
 
+def test_several_shape_sets_keep_the_two_and_three_shape_scenes_of_their_split() -> None:
+    from diffusion_env.prompts import make_prompt_set
+
+    for split, pairs in (("train", train_prompts()), ("heldout", heldout_prompts())):
+        several = make_prompt_set(f"scenes_{split}_several")
+        expected = [(p, m) for p, m in pairs if m["count"] > 1]
+        assert several.name == f"scenes_{split}_several"
+        assert several.prompts == [p for p, _ in expected] and several.metadata == [m for _, m in expected]
+        assert len(several) == len(pairs) * 2 // 3
+
+
 def test_split_is_fixed() -> None:
     held = sorted(heldout_triples())
     assert held == sorted(heldout_triples())
