@@ -46,13 +46,15 @@ class PromptSet:
         return [self.prompts[i] for i in indices], [dict(self.metadata[i]) for i in indices]
 
 
-def _scene_prompt_set(split: str, counts: tuple[int, ...] = (1, 2, 3)) -> PromptSet:
+def _scene_prompt_set(split: str, several_shapes_only: bool = False) -> PromptSet:
     from diffusion_env import scenes
 
     pairs = scenes.train_prompts() if split == "train" else scenes.heldout_prompts()
-    pairs = [(prompt, meta) for prompt, meta in pairs if meta["count"] in counts]
-    suffix = "" if counts == (1, 2, 3) else "_several"
-    return PromptSet([p for p, _ in pairs], [m for _, m in pairs], name=f"scenes_{split}{suffix}")
+    name = f"scenes_{split}"
+    if several_shapes_only:
+        pairs = [(prompt, meta) for prompt, meta in pairs if meta["count"] > 1]
+        name += "_several"
+    return PromptSet([p for p, _ in pairs], [m for _, m in pairs], name=name)
 
 
 #: Registered sets. ``scenes_*_several`` keep the scenes of two or three shapes, the prompts on
@@ -60,8 +62,8 @@ def _scene_prompt_set(split: str, counts: tuple[int, ...] = (1, 2, 3)) -> Prompt
 PROMPT_SETS: dict[str, Callable[[], PromptSet]] = {
     "scenes_train": lambda: _scene_prompt_set("train"),
     "scenes_heldout": lambda: _scene_prompt_set("heldout"),
-    "scenes_train_several": lambda: _scene_prompt_set("train", counts=(2, 3)),
-    "scenes_heldout_several": lambda: _scene_prompt_set("heldout", counts=(2, 3)),
+    "scenes_train_several": lambda: _scene_prompt_set("train", several_shapes_only=True),
+    "scenes_heldout_several": lambda: _scene_prompt_set("heldout", several_shapes_only=True),
 }
 
 
