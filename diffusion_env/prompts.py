@@ -46,24 +46,33 @@ class PromptSet:
         return [self.prompts[i] for i in indices], [dict(self.metadata[i]) for i in indices]
 
 
-def _scene_prompt_set(split: str, several_shapes_only: bool = False) -> PromptSet:
+#: Suffixes of the scene prompt sets restricted by shape count, and the counts each keeps.
+SCENE_COUNT_SUBSETS: dict[str, tuple[int, ...]] = {"several": (2, 3), "three": (3,)}
+
+
+def _scene_prompt_set(split: str, counts_subset: str | None = None) -> PromptSet:
     from diffusion_env import scenes
 
     pairs = scenes.train_prompts() if split == "train" else scenes.heldout_prompts()
     name = f"scenes_{split}"
-    if several_shapes_only:
-        pairs = [(prompt, meta) for prompt, meta in pairs if meta["count"] > 1]
-        name += "_several"
+    if counts_subset is not None:
+        counts = SCENE_COUNT_SUBSETS[counts_subset]
+        pairs = [(prompt, meta) for prompt, meta in pairs if meta["count"] in counts]
+        name += f"_{counts_subset}"
     return PromptSet([p for p, _ in pairs], [m for _, m in pairs], name=name)
 
 
-#: Registered sets. ``scenes_*_several`` keep the scenes of two or three shapes, the prompts on
-#: which the built-in model miscounts most often (the prompt-alignment task's headroom).
+#: Registered sets. ``scenes_*_several`` keep the scenes of two or three shapes and
+#: ``scenes_*_three`` those of three, the prompts on which the built-in model miscounts most
+#: often (the prompt-alignment task's headroom).
 PROMPT_SETS: dict[str, Callable[[], PromptSet]] = {
     "scenes_train": lambda: _scene_prompt_set("train"),
     "scenes_heldout": lambda: _scene_prompt_set("heldout"),
-    "scenes_train_several": lambda: _scene_prompt_set("train", several_shapes_only=True),
-    "scenes_heldout_several": lambda: _scene_prompt_set("heldout", several_shapes_only=True),
+    **{
+        f"scenes_{split}_{subset}": (lambda split=split, subset=subset: _scene_prompt_set(split, subset))
+        for subset in SCENE_COUNT_SUBSETS
+        for split in ("train", "heldout")
+    },
 }
 
 

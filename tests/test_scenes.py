@@ -206,15 +206,17 @@ def test_splits_disjoint_and_cover_all_combinations() -> None:
         assert {m[key] for _, m in train} == {m[key] for _, m in everything}
 
 
-def test_several_shape_sets_keep_the_two_and_three_shape_scenes_of_their_split() -> None:
+@pytest.mark.parametrize(("subset", "counts"), [("several", (2, 3)), ("three", (3,))])
+def test_count_subsets_keep_the_scenes_of_those_counts_of_their_split(subset: str, counts: tuple[int, ...]) -> None:
     from diffusion_env.prompts import make_prompt_set
 
     for split, pairs in (("train", train_prompts()), ("heldout", heldout_prompts())):
-        several = make_prompt_set(f"scenes_{split}_several")
-        expected = [(p, m) for p, m in pairs if m["count"] > 1]
-        assert several.name == f"scenes_{split}_several"
-        assert several.prompts == [p for p, _ in expected] and several.metadata == [m for _, m in expected]
-        assert len(several) == len(pairs) * 2 // 3
+        kept = make_prompt_set(f"scenes_{split}_{subset}")
+        expected = [(p, m) for p, m in pairs if m["count"] in counts]
+        assert kept.name == f"scenes_{split}_{subset}"
+        assert kept.prompts == [p for p, _ in expected] and kept.metadata == [m for _, m in expected]
+        # Counts 1, 2 and 3 appear equally often in each split.
+        assert len(kept) == len(pairs) * len(counts) // 3
 
 
 def test_split_is_fixed() -> None:
