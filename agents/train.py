@@ -60,11 +60,6 @@ class TrainConfig:
     eta: float = field(default=1.0, metadata={"help": "DDIM eta in (0, 1]"})
     guidance_scale: float | None = field(default=None, metadata={"help": "classifier-free guidance (default: model's)"})
     learning_rate: float = field(default=3e-4, metadata={"help": "AdamW learning rate"})
-    adam_beta1: float = field(
-        default=0.9,
-        metadata={"help": "AdamW first-moment decay: closer to 1 averages the gradient over more epochs"},
-    )
-    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW second-moment decay"})
     lora_rank: int = field(default=4, metadata={"help": "LoRA rank through peft; 0 fine-tunes the whole UNet"})
     per_prompt_advantages: bool = field(default=True, metadata={"help": "per-prompt reward statistics (else batch)"})
     tracker_buffer_size: int = field(default=32, metadata={"help": "rewards kept per prompt"})
@@ -99,9 +94,6 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)}; allowed: an int >= 1")
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank={self.lora_rank}; allowed: >= 0 (0 = full fine-tuning)")
-        for name in ("adam_beta1", "adam_beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name}={getattr(self, name)}; allowed: 0 <= {name} < 1")
 
     def ddpo(self) -> DDPOConfig:
         return DDPOConfig(
@@ -158,9 +150,7 @@ class Run:
             self.trainable = self.policy.add_lora(config.lora_rank)
         else:
             self.trainable = dict(self.policy.backend.trainable_module().named_parameters())
-        self.optimizer = torch.optim.AdamW(
-            self.trainable.values(), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2)
-        )
+        self.optimizer = torch.optim.AdamW(self.trainable.values(), lr=config.learning_rate)
         self.monitor = None if config.monitor is None else make_reward(config.monitor)
         self.tracker = PerPromptStatTracker(config.tracker_buffer_size, config.tracker_min_count)
         self.sample_generator = torch.Generator(device=config.device).manual_seed(config.seed)

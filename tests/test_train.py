@@ -30,8 +30,7 @@ def test_every_algorithm_trains_logs_and_checkpoints(tmp_path, algorithm):
 
 
 def test_monitor_scores_the_epoch_images_without_training_on_them(tmp_path):
-    run = Run(TrainConfig(epochs=1, monitor="scene_alignment", adam_beta1=0.98, **TINY))
-    assert run.optimizer.param_groups[0]["betas"] == (0.98, 0.999)
+    run = Run(TrainConfig(epochs=1, monitor="scene_alignment", **TINY))
     figures, samples = run.train_epoch()
     assert samples.images.shape == (2, 16, 16, 3) and len(samples.metadata) == 2
     parsed = parse_scenes(samples.images.numpy())
@@ -93,16 +92,12 @@ def test_config_file_and_flags(tmp_path):
     config_file = tmp_path / "run.toml"
     config_file.write_text('algorithm = "rwr"\nepochs = 3\nper_prompt_advantages = false\n')
     config, output_dir, resume = parse_args(
-        ["--config", str(config_file), "--output-dir", str(tmp_path / "out"), "--epochs", "5", "--guidance-scale", "2.5",
-         "--adam-beta1", "0.98"]
+        ["--config", str(config_file), "--output-dir", str(tmp_path / "out"), "--epochs", "5", "--guidance-scale", "2.5"]
     )
     assert (config.algorithm, config.epochs, config.per_prompt_advantages, config.guidance_scale) == ("rwr", 5, False, 2.5)
-    assert config.adam_beta1 == 0.98
     assert output_dir == tmp_path / "out" and not resume
     with pytest.raises(ValueError, match="algorithm='ppo'; allowed"):
         TrainConfig(algorithm="ppo")
-    with pytest.raises(ValueError, match="adam_beta1=1.0; allowed: 0 <= adam_beta1 < 1"):
-        TrainConfig(adam_beta1=1.0)
     config_file.write_text("learning_rat = 1e-4\n")
     with pytest.raises(SystemExit, match="learning_rat"):
         parse_args(["--config", str(config_file), "--output-dir", str(tmp_path)])
