@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -69,7 +70,7 @@ PROMPT_SETS: dict[str, Callable[[], PromptSet]] = {
     "scenes_train": lambda: _scene_prompt_set("train"),
     "scenes_heldout": lambda: _scene_prompt_set("heldout"),
     **{
-        f"scenes_{split}_{subset}": (lambda split=split, subset=subset: _scene_prompt_set(split, subset))
+        f"scenes_{split}_{subset}": functools.partial(_scene_prompt_set, split, subset)
         for subset in SCENE_COUNT_SUBSETS
         for split in ("train", "heldout")
     },
