@@ -17,7 +17,9 @@ that runs of different lengths are compared at the same number of reward queries
 - ``scene_*``: agreement of the scene parser with the prompt (background colour, shape colour,
   shape, count, size) and ``scene_alignment`` their mean, the check that the samples still show
   the prompted scene;
-- on the run's training prompt set and on ``--heldout`` prompts (prompts never trained on).
+- on the run's training prompt set and on ``--heldout`` prompts (prompts never trained on);
+- the paired change of JPEG size, count agreement and alignment: the mean over samples of
+  fine-tuned minus pretrained (same prompt and noise) with its standard error.
 
 With ``--out`` it also writes, per run, a grid of pretrained (top) and fine-tuned (bottom)
 samples for the same prompts and noise, the curves of training reward and of the monitored
@@ -113,15 +115,32 @@ def sample(
     return Trajectories.concatenate(batches)
 
 
-def figures_of(samples: Trajectories) -> dict[str, float]:
+def per_sample_figures(samples: Trajectories) -> dict[str, np.ndarray]:
+    """Each sample's JPEG size, scene alignment and agreement per attribute (NaN where its prompt
+    names no such attribute)."""
     result = make_reward("scene_alignment")(samples.images, samples.prompts, samples.metadata)
-    # An attribute no evaluated prompt names is reported as NaN, so that every table column exists.
     return {
-        "jpeg_kb": float(jpeg_size_kb(samples.images).mean()),
-        "scene_alignment": float(result.rewards.mean()),
-        **{key: float("nan") for key in result.details},
-        **result.detail_means(),
+        "jpeg_kb": np.asarray(jpeg_size_kb(samples.images)),
+        "scene_alignment": result.rewards.cpu().numpy(),
+        **result.details,
     }
+
+
+def means_of(figures: dict[str, np.ndarray]) -> dict[str, float]:
+    """Each figure's mean over the samples where it is defined; NaN where it is defined for none,
+    so that every table column exists."""
+    return {key: float(values[np.isfinite(values)].mean()) if np.isfinite(values).any() else float("nan") for key, values in figures.items()}
+
+
+def paired_change(pretrained: np.ndarray, fine_tuned: np.ndarray) -> tuple[float, float]:
+    """Mean per-sample change from pretrained to fine-tuned and its standard error.
+
+    The two models are sampled with the same prompts and noise, so the difference of each pair
+    carries less noise than the difference of two independent means.
+    """
+    defined = np.isfinite(pretrained) & np.isfinite(fine_tuned)
+    differences = (fine_tuned - pretrained)[defined].astype(np.float64)
+    return float(differences.mean()), float(differences.std(ddof=1) / np.sqrt(differences.size))
 
 
 def save_pair_grid(pretrained: Trajectories, fine_tuned: Trajectories, path: Path, count: int = 12) -> None:
@@ -173,6 +192,8 @@ def smoothed(history: list[dict[str, float]], window: float, key: str = "charts/
 
 
 MONITORED_ALIGNMENT = "charts/monitor/scene_alignment"
+# Figures whose paired change (fine-tuned minus pretrained, same prompts and noise) is tabulated.
+CHANGED = ("jpeg_kb", "scene_count", "scene_alignment")
 
 
 def save_comparison(histories: dict[str, list[dict[str, float]]], path: Path, window: float) -> None:
@@ -217,8 +238,11 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
     results = {}
     pretrained_samples: dict[tuple, Trajectories] = {}  # runs of one model share its pretrained samples
-    print("| run | algorithm | reward | epochs | reward queries | train minutes | prompts | model | jpeg_kb | background | colour | shape | count | size | alignment |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(
+        "| run | algorithm | reward | epochs | reward queries | train minutes | prompts | model | jpeg_kb | background"
+        " | colour | shape | count | size | alignment | change of jpeg_kb | change of count | change of alignment |"
+    )
+    print("|---" * 18 + "|")
     runs = [parse_run(argument) for argument in args.runs]
     for run_dir, epoch in runs:
         label = run_label(run_dir, epoch)
@@ -237,15 +261,21 @@ def main() -> None:
                 pretrained_samples[key] = sample(config, None, None, prompts, args.samples, args.seed)
             pretrained = pretrained_samples[key]
             fine_tuned = sample(config, run_dir, epoch, prompts, args.samples, args.seed)
-            for model, samples in (("pretrained", pretrained), ("fine-tuned", fine_tuned)):
-                figures = figures_of(samples)
-                results[label][f"{prompts}/{model}"] = figures
+            per_sample = {"pretrained": per_sample_figures(pretrained), "fine-tuned": per_sample_figures(fine_tuned)}
+            changes = {key: paired_change(per_sample["pretrained"][key], per_sample["fine-tuned"][key]) for key in CHANGED}
+            results[label][f"{prompts}/change"] = {key: {"mean": mean, "standard_error": error} for key, (mean, error) in changes.items()}
+            for model, figures in per_sample.items():
+                means = means_of(figures)
+                results[label][f"{prompts}/{model}"] = means
+                change_cells = " | ".join(
+                    f"{changes[key][0]:+.3f} ± {changes[key][1]:.3f}" if model == "fine-tuned" else "" for key in CHANGED
+                )
                 print(
                     f"| {label} | {algorithm} | {config.reward} | {len(history)} | "
                     f"{int(history[-1]['charts/reward_queries'])} | {minutes:.1f} | {prompts} | {model} | "
-                    f"{figures['jpeg_kb']:.3f} | {figures['scene_background']:.3f} | {figures['scene_color']:.3f} | "
-                    f"{figures['scene_shape']:.3f} | {figures['scene_count']:.3f} | {figures['scene_size']:.3f} | "
-                    f"{figures['scene_alignment']:.3f} |",
+                    f"{means['jpeg_kb']:.3f} | {means['scene_background']:.3f} | {means['scene_color']:.3f} | "
+                    f"{means['scene_shape']:.3f} | {means['scene_count']:.3f} | {means['scene_size']:.3f} | "
+                    f"{means['scene_alignment']:.3f} | {change_cells} |",
                     flush=True,
                 )
             if args.out:

@@ -6,6 +6,9 @@ import runpy
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 from agents.train import TrainConfig, train
 
 SCRIPT = Path(__file__).parent.parent / "benchmarks" / "learning.py"
@@ -34,7 +37,22 @@ def test_learning_benchmark_compares_a_run_with_the_pretrained_model(tmp_path, m
     assert results["run"]["epochs"] == 2 and results["run@1"]["epochs"] == 1
     # The last epoch's weights differ from the first's, and so do their samples.
     assert results["run"]["scenes_train/fine-tuned"] != results["run"]["scenes_train/pretrained"]
+    # Every sample's alignment is defined, so the mean paired change is the change of the means.
+    change = results["run"]["scenes_train/change"]["scene_alignment"]
+    expected = results["run"]["scenes_train/fine-tuned"]["scene_alignment"] - results["run"]["scenes_train/pretrained"]["scene_alignment"]
+    assert abs(change["mean"] - expected) < 1e-6 and change["standard_error"] >= 0
     # The SB3 weights are loaded: its samples are those of the PPO-trained UNet, not the pretrained one.
     assert results["sb3"]["scenes_train/fine-tuned"] != results["sb3"]["scenes_train/pretrained"]
     for name in ("run_curves.png", "run@1_scenes_heldout_samples.png", "sb3_curves.png", "comparison.png"):
         assert (tmp_path / "eval" / name).stat().st_size > 0
+
+
+def test_paired_change_is_the_mean_difference_of_the_pairs_defined_in_both_with_its_standard_error():
+    paired_change = runpy.run_path(str(SCRIPT))["paired_change"]
+    nan = float("nan")
+    pretrained = np.array([0.0, 1.0, 0.0, 1.0, nan, 0.0])
+    fine_tuned = np.array([1.0, 1.0, 1.0, 0.0, 1.0, nan])
+    # Pairs 1-4: differences 1, 0, 1, -1; mean 1/4, sample variance (0.5625 + 0.0625 + 0.5625 + 1.5625) / 3.
+    mean, standard_error = paired_change(pretrained, fine_tuned)
+    assert mean == pytest.approx(0.25)
+    assert standard_error == pytest.approx(np.sqrt(2.75 / 3 / 4))
