@@ -136,11 +136,15 @@ def paired_change(pretrained: np.ndarray, fine_tuned: np.ndarray) -> tuple[float
     """Mean per-sample change from pretrained to fine-tuned and its standard error.
 
     The two models are sampled with the same prompts and noise, so the difference of each pair
-    carries less noise than the difference of two independent means.
+    carries less noise than the difference of two independent means. Only pairs defined in both
+    count (the count agreement only where the prompt names a count); the mean is NaN when no pair
+    is defined, and the standard error NaN below two pairs.
     """
     defined = np.isfinite(pretrained) & np.isfinite(fine_tuned)
     differences = (fine_tuned - pretrained)[defined].astype(np.float64)
-    return float(differences.mean()), float(differences.std(ddof=1) / np.sqrt(differences.size))
+    mean = float(differences.mean()) if differences.size else float("nan")
+    error = float(differences.std(ddof=1) / np.sqrt(differences.size)) if differences.size > 1 else float("nan")
+    return mean, error
 
 
 def save_pair_grid(pretrained: Trajectories, fine_tuned: Trajectories, path: Path, count: int = 12) -> None:

@@ -4,6 +4,7 @@ reports for the built-in model are in the README; here only that it evaluates wh
 import json
 import runpy
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -56,3 +57,14 @@ def test_paired_change_is_the_mean_difference_of_the_pairs_defined_in_both_with_
     mean, standard_error = paired_change(pretrained, fine_tuned)
     assert mean == pytest.approx(0.25)
     assert standard_error == pytest.approx(np.sqrt(2.75 / 3 / 4))
+
+
+def test_paired_change_without_two_defined_pairs_is_nan_without_a_warning():
+    paired_change = runpy.run_path(str(SCRIPT))["paired_change"]
+    nan = float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        no_pair = paired_change(np.array([nan, 1.0]), np.array([0.0, nan]))
+        one_pair = paired_change(np.array([nan, 1.0]), np.array([0.0, 0.5]))
+    assert np.isnan(no_pair[0]) and np.isnan(no_pair[1])
+    assert one_pair[0] == pytest.approx(-0.5) and np.isnan(one_pair[1])
