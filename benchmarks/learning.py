@@ -17,7 +17,8 @@ that runs of different lengths are compared at the same number of reward queries
 - ``scene_*``: agreement of the scene parser with the prompt (background colour, shape colour,
   shape, count, size) and ``scene_alignment`` their mean, the check that the samples still show
   the prompted scene;
-- on the run's training prompt set and on ``--heldout`` prompts (prompts never trained on);
+- on the run's training prompt set and on held-out prompts never trained on (by default the
+  training set's counterpart: ``scenes_heldout_three`` for ``scenes_train_three``; ``--heldout``);
 - the paired change of JPEG size, count agreement and alignment: the mean over samples of
   fine-tuned minus pretrained (same prompt and noise) with its standard error.
 
@@ -43,6 +44,7 @@ from safetensors.torch import load_file
 from agents.rollouts import Trajectories, collect_trajectories
 from agents.train import Run, TrainConfig
 from diffusion_env.images import image_grid
+from diffusion_env.prompts import heldout_counterpart
 from diffusion_env.rewards import jpeg_size_kb, make_reward
 
 BATCH = 16
@@ -231,7 +233,11 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", help="output directories of agents.train (DIR or DIR:EPOCH)")
     parser.add_argument("--samples", type=int, default=128, help=f"evaluation samples per prompt set (multiple of {BATCH})")
     parser.add_argument("--seed", type=int, default=12345, help="seed of the evaluation prompts and noise")
-    parser.add_argument("--heldout", default="scenes_heldout", help="prompt set never trained on ('' to skip)")
+    parser.add_argument(
+        "--heldout",
+        default="auto",
+        help="prompt set never trained on; 'auto': the training set's held-out counterpart; '' to skip",
+    )
     parser.add_argument("--out", type=Path, help="folder for the figures and results.json")
     parser.add_argument("--compare", action="store_true", help="also plot all runs' reward curves together")
     parser.add_argument("--window", type=float, default=320, help="reward queries averaged in the comparison plot")
@@ -257,7 +263,8 @@ def main() -> None:
         config = run_config(run_dir)
         algorithm = "sb3-ppo" if is_sb3_run(run_dir) else config.algorithm
         minutes = sum(h.get("charts/epoch_seconds", float("nan")) for h in history) / 60
-        prompt_sets = [config.prompts] + ([args.heldout] if args.heldout and args.heldout != config.prompts else [])
+        heldout = heldout_counterpart(config.prompts) if args.heldout == "auto" else args.heldout
+        prompt_sets = [config.prompts] + ([heldout] if heldout and heldout != config.prompts else [])
         results[label] = {"config": dataclasses.asdict(config), "epochs": len(history), "train_minutes": minutes}
         for prompts in prompt_sets:
             key = (config.model, config.num_inference_steps, config.eta, config.guidance_scale, prompts)

@@ -77,6 +77,19 @@ PROMPT_SETS: dict[str, Callable[[], PromptSet]] = {
 }
 
 
+def heldout_counterpart(name: str) -> str | None:
+    """The registered set of held-out prompts that matches the training set ``name``, or None.
+
+    ``scenes_train`` -> ``scenes_heldout``, ``scenes_train_three`` -> ``scenes_heldout_three``:
+    the same shape counts, on the (colour, shape, background) combinations never trained on, so
+    that a run is evaluated on prompts like those it trained on, yet unseen.
+    """
+    if not name.startswith("scenes_train"):
+        return None
+    counterpart = "scenes_heldout" + name.removeprefix("scenes_train")
+    return counterpart if counterpart in PROMPT_SETS else None
+
+
 def make_prompt_set(prompts: str | Sequence[str] | PromptSet) -> PromptSet:
     """Resolves a registered set name, a list of prompt strings or a :class:`PromptSet`.
 

@@ -219,6 +219,28 @@ def test_count_subsets_keep_the_scenes_of_those_counts_of_their_split(subset: st
         assert len(kept) == len(pairs) * len(counts) // 3
 
 
+@pytest.mark.parametrize("subset", ["", "_several", "_three"])
+def test_heldout_counterpart_has_the_same_counts_on_combinations_never_trained_on(subset: str) -> None:
+    from diffusion_env.prompts import heldout_counterpart, make_prompt_set
+
+    train, held = make_prompt_set(f"scenes_train{subset}"), make_prompt_set(heldout_counterpart(f"scenes_train{subset}"))
+    assert held.name == f"scenes_heldout{subset}"
+    assert {m["count"] for m in held.metadata} == {m["count"] for m in train.metadata}
+
+    def triples(prompt_set):
+        return {(m["color"], m["shape"], m["background"]) for m in prompt_set.metadata}
+
+    assert not triples(train) & triples(held)
+
+
+def test_heldout_counterpart_is_none_for_sets_without_one() -> None:
+    from diffusion_env.prompts import heldout_counterpart
+
+    assert heldout_counterpart("scenes_heldout") is None
+    assert heldout_counterpart("scenes_train_four") is None  # no such registered set
+    assert heldout_counterpart("my_prompts") is None
+
+
 def test_split_is_fixed() -> None:
     held = sorted(heldout_triples())
     assert held == sorted(heldout_triples())
