@@ -1,6 +1,6 @@
 """Rollout collection that overlaps sampling with slow reward evaluation.
 
-Batch k's rewards are computed in an :class:`~diffusion_env.async_rewards.AsyncRewardEvaluator`'s
+Batch k's rewards are computed in an :class:`~diffusion_env.rewards.async_rewards.AsyncRewardEvaluator`'s
 worker pool while batch k + 1 is sampled (DDPO, Black et al., 2023, App. B, scores its LLaVA
 rewards this way).
 """
@@ -16,7 +16,7 @@ import torch
 
 from agents.policy import GaussianDenoisingPolicy
 from agents.rollouts import Trajectories, collect_trajectories
-from diffusion_env.async_rewards import AsyncRewardEvaluator, RewardHandle
+from diffusion_env.rewards.async_rewards import AsyncRewardEvaluator, RewardHandle
 
 
 @dataclasses.dataclass
@@ -65,7 +65,7 @@ def collect_trajectories_async(
     max_in_flight = evaluator.max_workers if max_in_flight is None else max_in_flight
     if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
         raise ValueError(f"max_in_flight must be an int >= 1, got {max_in_flight!r}")
-    env_reward = getattr(getattr(env.unwrapped, "core", None), "reward", None)
+    env_reward = getattr(env.unwrapped, "reward", None)
     if getattr(getattr(env_reward, "fn", None), "evaluator", None) is not evaluator:
         raise ValueError(
             "env does not submit its images to this evaluator; allowed: a DiffusionDenoise vector env "

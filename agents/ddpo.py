@@ -104,7 +104,7 @@ def ddpo_update(
         raise ValueError("kl_coefficient > 0 needs the reference (pretrained) policy")
     trainable = [p for p in policy.parameters() if p.requires_grad]
     num_dims = math.prod(trajectories.latents.shape[2:])
-    sigma = policy.transition.sigma[: trajectories.num_steps].cpu()
+    sigma = policy.sampler.sigma[: trajectories.num_steps].cpu()
     eligible = torch.nonzero((sigma >= config.min_sigma) & (sigma <= config.max_sigma)).flatten()
     if len(eligible) == 0:
         raise ValueError(
@@ -126,7 +126,7 @@ def ddpo_update(
             actions = trajectories.actions(samples, step_indices)
             # The minibatch's step indices k index the transition's tables directly.
             mean = policy.mean(obs)
-            log_probs = policy.transition.log_prob(actions, mean, step_indices)
+            log_probs = policy.sampler.log_prob(actions, mean, step_indices)
             sample_advantages = advantages[samples]
             if config.estimator == "sf":
                 loss = score_function_loss(log_probs, sample_advantages)
@@ -142,7 +142,7 @@ def ddpo_update(
             if config.kl_coefficient > 0:
                 with torch.no_grad():
                     reference_mean = reference_policy.mean(obs)
-                kl = policy.transition.kl_divergence(mean, reference_mean, step_indices).mean()
+                kl = policy.sampler.kl_divergence(mean, reference_mean, step_indices).mean()
                 loss = loss + config.kl_coefficient * kl
                 stats["kl_to_reference"] = kl.detach()
             loss_value = loss.item()

@@ -24,9 +24,11 @@ class Trajectories:
     Attributes:
         latents: ``(B, K + 1, C, H, W)``: x_T, ..., x_0; step k goes from ``latents[:, k]`` to
             ``latents[:, k + 1]``.
-        timesteps: ``(B, K)`` long, the scheduler timestep of each step.
-        log_probs: ``(B, K)`` float32, log pi_old(x_{t-1} | x_t, c) when sampled.
-        prompt_embeds: ``(B, L, D)``.
+        timesteps: ``(B, K)`` float32, the timestep of each step as the observation held it.
+        log_probs: ``(B, K)`` float32, log pi_old(x_{t-1} | x_t, c) when sampled (0 at
+            deterministic steps).
+        conditioning: the observation's conditioning entries, each ``(B, ...)`` (for the built-in
+            model ``"prompt_embedding"`` ``(B, L, D)``).
         prompts: B prompt strings.
         rewards: ``(B,)`` float32, the final reward.
         images: ``(B, H, W, 3)`` uint8, the decoded final images (``None`` if not kept).
@@ -36,7 +38,7 @@ class Trajectories:
     latents: torch.Tensor
     timesteps: torch.Tensor
     log_probs: torch.Tensor
-    prompt_embeds: torch.Tensor
+    conditioning: dict[str, torch.Tensor]
     prompts: list[str]
     rewards: torch.Tensor
     images: torch.Tensor | None = None
@@ -50,7 +52,7 @@ class Trajectories:
             latents=torch.cat([b.latents for b in batches]),
             timesteps=torch.cat([b.timesteps for b in batches]),
             log_probs=torch.cat([b.log_probs for b in batches]),
-            prompt_embeds=torch.cat([b.prompt_embeds for b in batches]),
+            conditioning={key: torch.cat([b.conditioning[key] for b in batches]) for key in batches[0].conditioning},
             prompts=[p for b in batches for p in b.prompts],
             rewards=torch.cat([b.rewards for b in batches]),
             images=None if any(i is None for i in images) else torch.cat(images),
@@ -70,7 +72,7 @@ class Trajectories:
         return {
             "latent": self.latents[samples, steps],
             "timestep": self.timesteps[samples, steps].to(torch.float32)[:, None],
-            "prompt_embedding": self.prompt_embeds[samples],
+            **{key: value[samples] for key, value in self.conditioning.items()},
         }
 
     def actions(self, samples: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
@@ -109,12 +111,12 @@ def collect_trajectories(
         raise ValueError(
             "collect_trajectories needs a DiffusionDenoise vector env made with array_type='torch'"
         )
-    core = env.unwrapped.core
     obs, _ = env.reset(seed=seed)
-    prompts, metadata, prompt_embeds = list(core.prompts), list(core.metadata), core.prompt_embeds
+    prompts, metadata = env.unwrapped.prompts, env.unwrapped.prompt_metadata
+    conditioning = {key: obs[key] for key in env.unwrapped.conditioning_keys}
     latents, timesteps, log_probs = [obs["latent"]], [], []
-    for _ in range(core.num_steps):
-        timesteps.append(core.timesteps().clone())
+    for _ in range(env.unwrapped.num_inference_steps):
+        timesteps.append(obs["timestep"][:, 0])
         action, log_prob = policy.sample_with_log_prob(obs, generator=generator)
         obs, rewards, _, _, info = env.step(action)
         latents.append(action)
@@ -123,7 +125,7 @@ def collect_trajectories(
         latents=torch.stack(latents, dim=1),
         timesteps=torch.stack(timesteps, dim=1),
         log_probs=torch.stack(log_probs, dim=1),
-        prompt_embeds=prompt_embeds,
+        conditioning=conditioning,
         prompts=prompts,
         rewards=rewards,
         images=info["image"],

@@ -72,7 +72,7 @@ def rwr_update(
         if config.weighting == "exponential"
         else sparse_reward_weights(scores, config.percentile)
     )
-    scheduler = policy.backend.scheduler
+    sampler = policy.sampler
     clean = trajectories.latents[:, -1]
     device = clean.device
     trainable = [p for p in policy.parameters() if p.requires_grad]
@@ -83,19 +83,12 @@ def rwr_update(
         for start in range(0, len(order), config.minibatch_size):
             samples = order[start : start + config.minibatch_size]
             noise = torch.randn(clean[samples].shape, generator=generator).to(device, clean.dtype)
-            timesteps = torch.randint(
-                scheduler.config.num_train_timesteps, (len(samples),), generator=generator
-            ).to(device)
-            noisy = scheduler.add_noise(clean[samples], noise, timesteps)
-            predicted = policy.backend.predict(noisy, timesteps, trajectories.prompt_embeds[samples], 1.0)
-            # The regression target in the network's own parametrisation: eps, or v for v-prediction.
-            prediction_type = scheduler.config.prediction_type
-            if prediction_type == "v_prediction":
-                target = scheduler.get_velocity(clean[samples], noise, timesteps)
-            elif prediction_type == "sample":
-                target = clean[samples]
-            else:
-                target = noise
+            timesteps = sampler.training_timesteps(len(samples), generator).to(device)
+            noisy = sampler.noisy_latents(clean[samples], noise, timesteps)
+            conditioning = {key: value[samples] for key, value in trajectories.conditioning.items()}
+            predicted = policy.backend.predict(noisy, timesteps, conditioning, 1.0)
+            # The regression target in the network's own parametrisation (eps, v, velocity or x0).
+            target = sampler.regression_target(clean[samples], noise, timesteps)
             loss = weighted_denoising_loss(predicted, target, weights[samples])
             if not bool(torch.isfinite(loss)):
                 raise NonFiniteError(f"the RWR loss is {loss.item()}; stopping before the optimiser applies it")

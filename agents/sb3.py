@@ -170,7 +170,7 @@ class DiffusionActorCriticPolicy(ActorCriticPolicy):
     ) -> None:
         if not isinstance(denoising_policy, GaussianDenoisingPolicy):
             raise TypeError(f"denoising_policy must be a GaussianDenoisingPolicy, got {type(denoising_policy).__name__}")
-        largest_sigma = float(denoising_policy.transition.sigma.max())
+        largest_sigma = float(denoising_policy.sampler.sigma.max())
         if not 0.0 <= min_sigma <= largest_sigma:
             raise ValueError(
                 f"min_sigma={min_sigma} would train on no step (largest sigma_t {largest_sigma:.4g}); "

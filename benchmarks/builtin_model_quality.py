@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from diffusion_env import scenes
-from diffusion_env.builtin_model import load_builtin_denoiser
-from diffusion_env.pretrain import evaluate, save_grid
+from diffusion_env.shapes import scenes
+from diffusion_env.shapes.model import load_builtin_denoiser
+from diffusion_env.shapes.pretrain import evaluate, save_grid
 
 
 def prompts_of(split: list[tuple[str, dict]], count: int, seed: int) -> list[tuple[str, dict]]:

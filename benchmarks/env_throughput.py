@@ -29,7 +29,7 @@ from diffusers import DDIMScheduler
 
 import diffusion_env  # noqa: F401  (registers DiffusionDenoise-v0)
 from agents import GaussianDenoisingPolicy
-from diffusion_env.models import PixelUNetDenoiser, tiny_random_denoiser
+from diffusion_env.backends import PixelUNetDenoiser, tiny_random_denoiser
 
 
 def resident_memory_mb() -> float:

@@ -74,7 +74,7 @@ def main() -> None:
     print(f"{config.num_envs * config.batches_per_epoch} samples an epoch, {args.batches} epoch(s), {config.reward}")
     print("| step | timestep | sigma_t | gradient norm | share |")
     print("|---:|---:|---:|---:|---:|")
-    transition = run.policy.transition
+    transition = run.policy.sampler
     for step, norm in enumerate(norms):
         print(
             f"| {step} | {int(transition.timesteps[step])} | {float(transition.sigma[step]):.4f} | "

@@ -44,7 +44,7 @@ from safetensors.torch import load_file
 from agents.rollouts import Trajectories, collect_trajectories
 from agents.train import Run, TrainConfig
 from diffusion_env.images import image_grid
-from diffusion_env.prompts import heldout_counterpart
+from diffusion_env.shapes import heldout_counterpart
 from diffusion_env.rewards import jpeg_size_kb, make_reward
 
 BATCH = 16

@@ -26,8 +26,8 @@ import diffusion_env  # noqa: F401  (registers DiffusionDenoise-v0)
 from agents import GaussianDenoisingPolicy
 from agents.rollouts import collect_trajectories
 from agents.async_rollouts import collect_trajectories_async
-from diffusion_env import scenes
-from diffusion_env.async_rewards import AsyncRewardEvaluator
+from diffusion_env.shapes import scenes
+from diffusion_env.rewards.async_rewards import AsyncRewardEvaluator
 from diffusion_env.rewards import RewardFn, make_reward
 
 # prompt_alignment repeats the same batch, so it is timed with its text embeddings cached (as for
@@ -113,7 +113,7 @@ def aesthetic_images_per_second(batch_size: int, size: int) -> float:
     architecture and cost; its weights cannot be downloaded here, and the speed does not depend on them)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    from diffusion_env.learned_rewards import AestheticMLP, AestheticScorer
+    from diffusion_env.rewards.aesthetic import AestheticMLP, AestheticScorer
 
     config = CLIPConfig(
         vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,

@@ -33,7 +33,7 @@ from agents import (
 )
 from agents.advantages import batch_normalized_advantages
 from agents.losses import clipped_surrogate_loss
-from diffusion_env.models import MODELS, make_denoiser, tiny_random_denoiser
+from diffusion_env.backends import available_models, make_denoiser, tiny_random_denoiser
 
 
 def timestep_loop_update(
@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--num-envs", type=int, default=32, help="samples per batch")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps per sample")
     parser.add_argument("--minibatch", type=int, default=64, help="our (sample, timestep) pairs per network call")
-    parser.add_argument("--model", default="tiny-random", choices=sorted(MODELS), help="denoiser back-end")
+    parser.add_argument("--model", default="tiny-random", choices=available_models(), help="denoiser back-end")
     parser.add_argument("--sample-size", type=int, default=32, help="image side of the tiny-random UNet")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

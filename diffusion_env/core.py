@@ -2,14 +2,14 @@
 
 State: latents x_t ``(N, C, H, W)``, the step index k (shared: every episode of a batch has the
 same length, so all N environments are always at the same step), the prompts, their metadata and
-their embeddings. Transition: deterministic, x_{t-1} is the action. Reward: 0 on every step but
+their conditioning (the entries the back-end declares). Transition: deterministic, x_{t-1} is the action. Reward: 0 on every step but
 the last, where the final latents are decoded and the reward function is called once for the
 whole batch. Everything stays in torch on the core's device.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,10 +17,11 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-from diffusion_env.models import DenoiserBackend, make_denoiser
+from diffusion_env.backends import DenoiserBackend, make_denoiser
 from diffusion_env.prompts import PromptSet, make_prompt_set
 from diffusion_env.rewards import Reward, RewardFn, make_reward
-from diffusion_env.transition import GaussianTransition
+from diffusion_env.samplers import Sampler, SamplerFactory, make_sampler
+from diffusion_env.validation import check_device, check_float, check_int
 
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -56,7 +57,10 @@ class DenoisingCore:
         reward: a registered reward name or a callable ``(images, prompts, metadata) -> rewards``.
         prompts: a registered prompt-set name, a list of prompts or a ``PromptSet``.
         num_inference_steps: denoising steps K per episode.
-        eta: DDIM's eta in (0, 1]; DDPM schedulers require 1.0.
+        eta: DDIM's eta in (0, 1]; DDPM schedulers require 1.0; None leaves the sampler's default.
+        sampler: a registered sampler name, a factory ``(scheduler, K, device=..., **options) ->
+            Sampler``, or None for the default sampler of the back-end's scheduler type.
+        sampler_options: further keyword options of the sampler.
         guidance_scale: classifier-free guidance weight (>= 0) used for the rendered x0-prediction
             and by policies built from the environment; None takes the model's default.
         device: where the model and the state live (default: the model's device).
@@ -74,39 +78,40 @@ class DenoisingCore:
         reward: str | RewardFn | Reward,
         prompts: str | list[str] | PromptSet,
         num_inference_steps: int,
-        eta: float,
+        eta: float | None,
         guidance_scale: float | None,
         device: torch.device | str | None,
         dtype: torch.dtype | None,
         latent_bound: float,
         samples_per_prompt: int = 1,
+        sampler: str | SamplerFactory | None = None,
+        sampler_options: Mapping[str, Any] | None = None,
     ) -> None:
-        if isinstance(num_envs, bool) or not isinstance(num_envs, int) or num_envs < 1:
-            raise ValueError(f"num_envs must be a positive int, got {num_envs!r}")
-        if (
-            isinstance(samples_per_prompt, bool)
-            or not isinstance(samples_per_prompt, int)
-            or samples_per_prompt < 1
-            or num_envs % samples_per_prompt
-        ):
+        # Cheap checks first, so that a bad argument fails before a model is built.
+        num_envs = check_int("num_envs", num_envs, 1)
+        samples_per_prompt = check_int("samples_per_prompt", samples_per_prompt)
+        if samples_per_prompt < 1 or num_envs % samples_per_prompt:
             raise ValueError(
-                f"samples_per_prompt={samples_per_prompt!r} with num_envs={num_envs}; allowed: a positive "
+                f"samples_per_prompt={samples_per_prompt} with num_envs={num_envs}; allowed: a positive "
                 "int that divides num_envs"
             )
-        latent_bound = float(latent_bound)
-        if not math.isfinite(latent_bound) or latent_bound <= 0:
-            raise ValueError(f"latent_bound must be a finite number > 0, got {latent_bound}")
-        # Cheap checks first, so that a bad name fails before a model is built.
+        latent_bound = check_float("latent_bound", latent_bound, 0.0, exclusive_minimum=True)
+        if guidance_scale is not None:
+            guidance_scale = check_float("guidance_scale", guidance_scale, 0.0)
+        if device is not None:
+            device = check_device(device)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point torch.dtype such as torch.float32, got {dtype!r}")
+        options = dict(sampler_options or {})
+        if eta is not None:
+            options["eta"] = eta
         self.reward = make_reward(reward)
         self.prompt_set = make_prompt_set(prompts)
         self.backend = make_denoiser(model, device=device, dtype=dtype)
-        self.transition = GaussianTransition(
-            self.backend.scheduler, num_inference_steps, eta=eta, device=self.backend.device
+        self.sampler: Sampler = make_sampler(
+            self.backend.scheduler, num_inference_steps, sampler, device=self.backend.device, **options
         )
-        guidance_scale = self.backend.default_guidance_scale if guidance_scale is None else float(guidance_scale)
-        if not math.isfinite(guidance_scale) or guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}")
-        self.guidance_scale = guidance_scale
+        self.guidance_scale = self.backend.default_guidance_scale if guidance_scale is None else guidance_scale
         self.num_envs = num_envs
         self.samples_per_prompt = samples_per_prompt
         self.latent_bound = latent_bound
@@ -117,7 +122,7 @@ class DenoisingCore:
         self.latents: torch.Tensor | None = None
         self.prompts: list[str] = []
         self.metadata: list[dict[str, Any]] = []
-        self.prompt_embeds: torch.Tensor | None = None
+        self.conditioning: dict[str, torch.Tensor] = {}
 
     # ---------------------------------------------------------------- description
 
@@ -134,19 +139,19 @@ class DenoisingCore:
         return tuple(self.backend.latent_shape)
 
     def single_observation_space(self) -> spaces.Dict:
-        """The observation space of one environment (float32 numpy arrays)."""
-        max_timestep = self.backend.scheduler.config.num_train_timesteps - 1
-        return spaces.Dict(
-            {
-                "latent": spaces.Box(-self.latent_bound, self.latent_bound, self.latent_shape, np.float32),
-                "timestep": spaces.Box(-1.0, float(max_timestep), (1,), np.float32),
-                # Any finite float32: encoder states have no natural bound, and infinite bounds
-                # would make the space claim to hold inf.
-                "prompt_embedding": spaces.Box(
-                    -_FLOAT32_MAX, _FLOAT32_MAX, tuple(self.backend.prompt_embedding_shape), np.float32
-                ),
-            }
-        )
+        """The observation space of one environment (float32 numpy arrays): the latent, the
+        timestep, and the conditioning entries the back-end declares."""
+        entries = {
+            "latent": spaces.Box(-self.latent_bound, self.latent_bound, self.latent_shape, np.float32),
+            "timestep": spaces.Box(-1.0, float(self.sampler.max_timestep), (1,), np.float32),
+        }
+        for key, shape in self.backend.conditioning_shapes.items():
+            if key in entries:
+                raise ValueError(f"the back-end declares a conditioning entry {key!r}, a name the observation already uses")
+            # Any finite float32: encoder states have no natural bound, and infinite bounds
+            # would make the space claim to hold inf.
+            entries[key] = spaces.Box(-_FLOAT32_MAX, _FLOAT32_MAX, tuple(shape), np.float32)
+        return spaces.Dict(entries)
 
     def single_action_space(self) -> spaces.Box:
         """The action space of one environment: the next latent, in finite bounds."""
@@ -159,22 +164,23 @@ class DenoisingCore:
         return self.step_index == self.num_steps
 
     def timesteps(self) -> torch.Tensor:
-        """Scheduler timestep of the current latents ``(N,)`` long; -1 once the episode is over."""
+        """Timestep of the current latents ``(N,)`` float32 (never rounded); -1 once the episode is over."""
         if self.episode_over:
-            return torch.full((self.num_envs,), -1, dtype=torch.long, device=self.device)
-        return self.transition.timesteps[self.step_index].expand(self.num_envs)
+            return torch.full((self.num_envs,), -1.0, dtype=torch.float32, device=self.device)
+        return self.sampler.timesteps[self.step_index].to(torch.float32).expand(self.num_envs)
 
     def step_indices(self) -> torch.Tensor:
-        """The step index k of every episode ``(N,)`` long, as the transition's tables are indexed."""
+        """The step index k of every episode ``(N,)`` long, as the sampler's tables are indexed."""
         return torch.full((self.num_envs,), self.step_index, dtype=torch.long, device=self.device)
 
     def observation(self) -> dict[str, torch.Tensor]:
-        """The current observation as tensors on the device (latents in the core's dtype)."""
+        """The current observation as new tensors on the device (latents in the core's dtype):
+        changing them does not change the environment's state."""
         self.require_reset()
         return {
-            "latent": self.latents,
-            "timestep": self.timesteps().to(torch.float32)[:, None],
-            "prompt_embedding": self.prompt_embeds,
+            "latent": self.latents.clone(),
+            "timestep": self.timesteps()[:, None].clone(),
+            **{key: value.clone() for key, value in self.conditioning.items()},
         }
 
     def reset(self, rng: np.random.Generator) -> None:
@@ -182,13 +188,18 @@ class DenoisingCore:
         drawn, drawn_metadata = self.prompt_set.sample(self.num_envs // self.samples_per_prompt, rng)
         prompts = [prompt for prompt in drawn for _ in range(self.samples_per_prompt)]
         metadata = [dict(meta) for meta in drawn_metadata for _ in range(self.samples_per_prompt)]
-        prompt_embeds = self.backend.encode_prompts(prompts)
+        conditioning = dict(self.backend.encode_prompts(prompts))
+        if set(conditioning) != set(self.backend.conditioning_shapes):
+            raise ValueError(
+                f"the back-end's encode_prompts returned entries {sorted(conditioning)}; it declares "
+                f"{sorted(self.backend.conditioning_shapes)}"
+            )
         self.generator.manual_seed(int(rng.integers(2**63)))
-        # DDIM/DDPM start from pure noise scaled by the scheduler's init_noise_sigma (1 for both).
+        # Sampling starts from pure noise scaled by the sampler's init_noise_sigma (1 for DDIM/DDPM).
         latents = torch.randn(
             (self.num_envs, *self.latent_shape), generator=self.generator, device=self.device, dtype=self.dtype
-        ) * self.backend.scheduler.init_noise_sigma
-        self.prompts, self.metadata, self.prompt_embeds, self.latents = prompts, metadata, prompt_embeds, latents
+        ) * self.sampler.init_noise_sigma
+        self.prompts, self.metadata, self.conditioning, self.latents = prompts, metadata, conditioning, latents
         self.step_index = 0
 
     def require_reset(self) -> None:
@@ -205,6 +216,8 @@ class DenoisingCore:
         expected = (self.num_envs, *self.latent_shape)
         if not isinstance(action, torch.Tensor):
             raise TypeError(f"action must be a torch.Tensor here, got {type(action).__name__}")
+        if action.layout != torch.strided:
+            raise TypeError(f"action has layout {action.layout}; allowed: a dense (strided) tensor")
         if not action.is_floating_point():
             raise TypeError(
                 f"action has dtype {action.dtype}; allowed: a floating-point latent (float32 numpy, "
@@ -261,6 +274,6 @@ class DenoisingCore:
         if self.episode_over:
             return self.backend.decode(self.latents)
         step_index = self.step_indices()
-        output = self.backend.predict(self.latents, self.timesteps(), self.prompt_embeds, self.guidance_scale)
-        _, x0 = self.transition.predicted_noise_and_sample(self.latents, output, step_index)
-        return self.backend.decode(x0)
+        timesteps = self.sampler.timesteps[step_index]
+        output = self.backend.predict(self.latents, timesteps, self.conditioning, self.guidance_scale)
+        return self.backend.decode(self.sampler.predicted_clean(self.latents, output, step_index))

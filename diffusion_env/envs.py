@@ -14,10 +14,11 @@ import torch
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
+from diffusion_env.backends import DenoiserBackend
 from diffusion_env.core import DenoisingCore
-from diffusion_env.models import DenoiserBackend
 from diffusion_env.prompts import PromptSet
 from diffusion_env.rewards import Reward, RewardFn
+from diffusion_env.samplers import Sampler, SamplerFactory
 
 ArrayType = Literal["numpy", "torch"]
 
@@ -37,14 +38,67 @@ def _numpy_action(action: Any, space: gym.spaces.Box, core: DenoisingCore) -> to
         raise TypeError(f"action has dtype {action.dtype}; allowed: {space.dtype} (the action space's dtype)")
     if action.shape != space.shape:
         raise ValueError(f"action has shape {action.shape}; allowed: {space.shape}")
-    return torch.from_numpy(action).to(core.device)
+    # Views with negative or odd strides (a[..., ::-1]) are valid actions; torch needs a contiguous copy.
+    return torch.from_numpy(np.ascontiguousarray(action)).to(core.device)
 
 
 def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.detach().to(torch.float32 if tensor.is_floating_point() else tensor.dtype).cpu().numpy()
+    """A new numpy array (never a view of the environment's state)."""
+    return np.array(tensor.detach().to(torch.float32 if tensor.is_floating_point() else tensor.dtype).cpu().numpy())
 
 
-class DiffusionDenoiseEnv(gym.Env):
+class _DenoisingView:
+    """What both environments expose of their MDP to policies and tools, as public properties."""
+
+    core: DenoisingCore
+
+    @property
+    def backend(self) -> DenoiserBackend:
+        """The denoiser back-end (its network is what a policy fine-tunes)."""
+        return self.core.backend
+
+    @property
+    def sampler(self) -> Sampler:
+        """The per-step Gaussian policy of the back-end's scheduler (mean, sigma, log-likelihood)."""
+        return self.core.sampler
+
+    @property
+    def reward(self) -> Reward:
+        """The reward paid on the last step (a checked :class:`~diffusion_env.rewards.Reward`)."""
+        return self.core.reward
+
+    @property
+    def guidance_scale(self) -> float:
+        """The classifier-free guidance weight of the model's own policy."""
+        return self.core.guidance_scale
+
+    @property
+    def num_inference_steps(self) -> int:
+        """K, the steps of an episode."""
+        return self.core.num_steps
+
+    @property
+    def step_index(self) -> int:
+        """The step index k of the current latents (-1 before the first reset, K once the episode is over)."""
+        return self.core.step_index
+
+    @property
+    def prompts(self) -> list[str]:
+        """The current episodes' prompts (a copy)."""
+        return list(self.core.prompts)
+
+    @property
+    def prompt_metadata(self) -> list[dict[str, Any]]:
+        """What the prompt set knows about each current prompt (copies), as the reward receives it."""
+        return [dict(meta) for meta in self.core.metadata]
+
+    @property
+    def conditioning_keys(self) -> tuple[str, ...]:
+        """The observation's conditioning entries, as the back-end declares them."""
+        return tuple(self.core.backend.conditioning_shapes)
+
+
+class DiffusionDenoiseEnv(_DenoisingView, gym.Env):
     """The sampling loop of a text-to-image diffusion model as a Markov decision process.
 
     ## Description
@@ -54,7 +108,9 @@ class DiffusionDenoiseEnv(gym.Env):
     x_{t-1}; after the last step the latent is decoded into an image and scored by a reward
     function (Black et al., 2023, "Training Diffusion Models with Reinforcement Learning", Sec. 4.1).
     The pretrained model's own sampler is one policy of this MDP; build it with
-    ``agents.GaussianDenoisingPolicy.from_env(env)``.
+    ``agents.GaussianDenoisingPolicy.from_env(env)``, which reads the public properties
+    ``backend``, ``sampler`` and ``guidance_scale``; ``prompts`` and ``prompt_metadata`` describe
+    the current episode.
 
     ## Action Space
 
@@ -70,7 +126,10 @@ class DiffusionDenoiseEnv(gym.Env):
     - ``"timestep"``: ``(1,)``, the scheduler timestep t the denoiser is conditioned on at this
       step, from about ``num_train_timesteps`` down to the last denoising timestep; -1 in the
       terminal observation, where no step remains.
-    - ``"prompt_embedding"``: ``(L, D)``, the prompt encoder's token embeddings.
+    - the conditioning entries the back-end declares; for the built-in model one,
+      ``"prompt_embedding"``: ``(L, D)``, the prompt encoder's token embeddings.
+
+    Observations are new arrays: changing one does not change the environment.
 
     Stable-Baselines3's ``check_env`` warns that the latent looks like an image that is not uint8
     and that the action space is not in [-1, 1]: both are intended. SB3's default CNN and MLP
@@ -101,7 +160,9 @@ class DiffusionDenoiseEnv(gym.Env):
     - ``reward``: a registered reward name or a callable ``(images, prompts, metadata) -> rewards``.
     - ``prompts``: a prompt-set name, a list of prompts or a ``PromptSet``.
     - ``num_inference_steps``: K (default 20).
-    - ``eta``: DDIM's eta in (0, 1] (default 1.0, as in DDPO).
+    - ``eta``: DDIM's eta in (0, 1] (default: the sampler's, 1.0 for DDIM as in DDPO).
+    - ``sampler``: a registered sampler name or factory (default: the one of the back-end's
+      scheduler type, see :mod:`diffusion_env.samplers`); ``sampler_options``: its options.
     - ``guidance_scale``: classifier-free guidance weight for the model's policy and the rendered
       prediction (default: the model's own).
     - ``device``, ``dtype``: where and in what precision the model runs.
@@ -117,30 +178,32 @@ class DiffusionDenoiseEnv(gym.Env):
         reward: str | RewardFn | Reward = DEFAULT_REWARD,
         prompts: str | list[str] | PromptSet = DEFAULT_PROMPTS,
         num_inference_steps: int = 20,
-        eta: float = 1.0,
+        eta: float | None = None,
         guidance_scale: float | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         latent_bound: float = 100.0,
         render_mode: str | None = None,
+        sampler: str | SamplerFactory | None = None,
+        sampler_options: dict[str, Any] | None = None,
     ) -> None:
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode={render_mode!r}; allowed: {self.metadata['render_modes']} or None")
         self.core = DenoisingCore(
-            1, model, reward, prompts, num_inference_steps, eta, guidance_scale, device, dtype, latent_bound
+            1, model, reward, prompts, num_inference_steps, eta, guidance_scale, device, dtype, latent_bound,
+            sampler=sampler, sampler_options=sampler_options,
         )
         self.render_mode = render_mode
         self.observation_space = self.core.single_observation_space()
         self.action_space = self.core.single_action_space()
-        self._prompt_embedding: np.ndarray | None = None
+        self._conditioning: dict[str, np.ndarray] = {}
 
     def _observation(self) -> dict[str, np.ndarray]:
-        observation = self.core.observation()
         return {
-            "latent": _to_numpy(observation["latent"][0]),
-            "timestep": _to_numpy(observation["timestep"][0]),
+            "latent": _to_numpy(self.core.latents[0]),
+            "timestep": _to_numpy(self.core.timesteps()[:1]),
             # A fresh array per call: users keep observations, and Gymnasium's checker requires it.
-            "prompt_embedding": self._prompt_embedding.copy(),
+            **{key: value.copy() for key, value in self._conditioning.items()},
         }
 
     def reset(
@@ -148,8 +211,8 @@ class DiffusionDenoiseEnv(gym.Env):
     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         super().reset(seed=seed)
         self.core.reset(self.np_random)
-        # The embedding is fixed for the episode: convert it once, not at every step.
-        self._prompt_embedding = _to_numpy(self.core.prompt_embeds[0])
+        # The conditioning is fixed for the episode: convert it once, not at every step.
+        self._conditioning = {key: _to_numpy(value[0]) for key, value in self.core.conditioning.items()}
         return self._observation(), {"prompt": self.core.prompts[0]}
 
     def step(
@@ -170,7 +233,7 @@ class DiffusionDenoiseEnv(gym.Env):
         return self.core.predicted_clean_images()[0].cpu().numpy()
 
 
-class DiffusionDenoiseVectorEnv(VectorEnv):
+class DiffusionDenoiseVectorEnv(_DenoisingView, VectorEnv):
     """N denoising episodes stepped as one batch on the device: ``gym.make_vec("DiffusionDenoise-v0", num_envs=N)``.
 
     Same MDP, spaces (batched) and arguments as :class:`DiffusionDenoiseEnv`, plus:
@@ -200,7 +263,7 @@ class DiffusionDenoiseVectorEnv(VectorEnv):
         reward: str | RewardFn | Reward = DEFAULT_REWARD,
         prompts: str | list[str] | PromptSet = DEFAULT_PROMPTS,
         num_inference_steps: int = 20,
-        eta: float = 1.0,
+        eta: float | None = None,
         guidance_scale: float | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -209,6 +272,8 @@ class DiffusionDenoiseVectorEnv(VectorEnv):
         autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
         array_type: ArrayType = "numpy",
         samples_per_prompt: int = 1,
+        sampler: str | SamplerFactory | None = None,
+        sampler_options: dict[str, Any] | None = None,
     ) -> None:
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode={render_mode!r}; allowed: {self.metadata['render_modes']} or None")
@@ -233,8 +298,10 @@ class DiffusionDenoiseVectorEnv(VectorEnv):
             dtype,
             latent_bound,
             samples_per_prompt,
+            sampler=sampler,
+            sampler_options=sampler_options,
         )
-        self.num_envs = num_envs
+        self.num_envs = self.core.num_envs
         self.render_mode = render_mode
         self.array_type: ArrayType = array_type
         self.metadata = {**self.metadata, "autoreset_mode": autoreset_mode}
@@ -242,7 +309,7 @@ class DiffusionDenoiseVectorEnv(VectorEnv):
         self.single_action_space = self.core.single_action_space()
         self.observation_space = batch_space(self.single_observation_space, num_envs)
         self.action_space = batch_space(self.single_action_space, num_envs)
-        self._prompt_embedding: np.ndarray | None = None
+        self._conditioning: dict[str, np.ndarray] = {}
         self._autoreset_pending = False
 
     @property
@@ -253,13 +320,12 @@ class DiffusionDenoiseVectorEnv(VectorEnv):
         return tensor if self.array_type == "torch" else _to_numpy(tensor)
 
     def _observation(self) -> dict[str, np.ndarray | torch.Tensor]:
-        observation = self.core.observation()
+        if self.array_type == "torch":
+            return self.core.observation()
         return {
-            "latent": self._output(observation["latent"]),
-            "timestep": self._output(observation["timestep"]),
-            "prompt_embedding": (
-                self._prompt_embedding.copy() if self.array_type == "numpy" else observation["prompt_embedding"]
-            ),
+            "latent": _to_numpy(self.core.latents),
+            "timestep": _to_numpy(self.core.timesteps()[:, None]),
+            **{key: value.copy() for key, value in self._conditioning.items()},
         }
 
     def _info(self, result: Any = None) -> dict[str, Any]:
@@ -275,8 +341,8 @@ class DiffusionDenoiseVectorEnv(VectorEnv):
     def _reset_core(self) -> None:
         self.core.reset(self.np_random)
         if self.array_type == "numpy":
-            # The embeddings are fixed for the episode: copy them to the host once, not every step.
-            self._prompt_embedding = _to_numpy(self.core.prompt_embeds)
+            # The conditioning is fixed for the episode: copy it to the host once, not every step.
+            self._conditioning = {key: _to_numpy(value) for key, value in self.core.conditioning.items()}
         self._autoreset_pending = False
 
     def reset(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-import functools
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+
+from pathlib import Path
 
 import numpy as np
 
@@ -41,53 +43,52 @@ class PromptSet:
     def __repr__(self) -> str:
         return f"PromptSet({self.name!r}, {len(self)} prompts)"
 
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> PromptSet:
+        """The prompts of a UTF-8 text file, one a line; blank lines and lines starting with ``#`` are skipped.
+
+        Raises:
+            FileNotFoundError: if there is no such file; ValueError: if it holds no prompt.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompt file {str(path)!r} does not exist; allowed: a text file of one prompt a line")
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        prompts = [line for line in lines if line and not line.startswith("#")]
+        if not prompts:
+            raise ValueError(f"prompt file {str(path)!r} holds no prompt; allowed: one prompt a line ('#' starts a comment line)")
+        return cls(prompts, name=path.name)
+
     def sample(self, count: int, rng: np.random.Generator) -> tuple[list[str], list[dict[str, Any]]]:
         """``count`` prompts drawn uniformly with replacement, and a copy of their metadata."""
         indices = rng.integers(len(self.prompts), size=count)
         return [self.prompts[i] for i in indices], [dict(self.metadata[i]) for i in indices]
 
 
-#: Suffixes of the scene prompt sets restricted by shape count, and the counts each keeps.
-SCENE_COUNT_SUBSETS: dict[str, tuple[int, ...]] = {"several": (2, 3), "three": (3,)}
+PromptSetFactory = Callable[[], PromptSet]
+
+_PROMPT_SETS: dict[str, PromptSetFactory] = {}
 
 
-def _scene_prompt_set(split: str, counts_subset: str | None = None) -> PromptSet:
-    from diffusion_env import scenes
+def register_prompt_set(name: str, factory: PromptSetFactory, overwrite: bool = False) -> None:
+    """Makes ``factory()`` available as ``prompts=name`` wherever a prompt set is named.
 
-    pairs = scenes.train_prompts() if split == "train" else scenes.heldout_prompts()
-    name = f"scenes_{split}"
-    if counts_subset is not None:
-        counts = SCENE_COUNT_SUBSETS[counts_subset]
-        pairs = [(prompt, meta) for prompt, meta in pairs if meta["count"] in counts]
-        name += f"_{counts_subset}"
-    return PromptSet([p for p, _ in pairs], [m for _, m in pairs], name=name)
-
-
-#: Registered sets. ``scenes_*_several`` keep the scenes of two or three shapes and
-#: ``scenes_*_three`` those of three, the prompts on which the built-in model miscounts most
-#: often (the prompt-alignment task's headroom).
-PROMPT_SETS: dict[str, Callable[[], PromptSet]] = {
-    "scenes_train": lambda: _scene_prompt_set("train"),
-    "scenes_heldout": lambda: _scene_prompt_set("heldout"),
-    **{
-        f"scenes_{split}_{subset}": functools.partial(_scene_prompt_set, split, subset)
-        for subset in SCENE_COUNT_SUBSETS
-        for split in ("train", "heldout")
-    },
-}
-
-
-def heldout_counterpart(name: str) -> str | None:
-    """The registered set of held-out prompts that matches the training set ``name``, or None.
-
-    ``scenes_train`` -> ``scenes_heldout``, ``scenes_train_three`` -> ``scenes_heldout_three``:
-    the same shape counts, on the (colour, shape, background) combinations never trained on, so
-    that a run is evaluated on prompts like those it trained on, yet unseen.
+    Raises:
+        ValueError: if ``name`` is taken and ``overwrite`` is False, or is empty.
+        TypeError: if ``factory`` is not callable.
     """
-    if not name.startswith("scenes_train"):
-        return None
-    counterpart = "scenes_heldout" + name.removeprefix("scenes_train")
-    return counterpart if counterpart in PROMPT_SETS else None
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a prompt-set name must be a non-empty str, got {name!r}")
+    if not callable(factory):
+        raise TypeError(f"prompt set {name!r} must be a callable returning a PromptSet, got {type(factory).__name__}")
+    if name in _PROMPT_SETS and not overwrite:
+        raise ValueError(f"prompt set {name!r} is already registered; pass overwrite=True to replace it")
+    _PROMPT_SETS[name] = factory
+
+
+def available_prompt_sets() -> list[str]:
+    """The registered prompt-set names."""
+    return sorted(_PROMPT_SETS)
 
 
 def make_prompt_set(prompts: str | Sequence[str] | PromptSet) -> PromptSet:
@@ -103,15 +104,15 @@ def make_prompt_set(prompts: str | Sequence[str] | PromptSet) -> PromptSet:
     if isinstance(prompts, PromptSet):
         return prompts
     if isinstance(prompts, str):
-        if prompts not in PROMPT_SETS:
+        if prompts not in _PROMPT_SETS:
             raise ValueError(
-                f"unknown prompt set {prompts!r}; allowed: {sorted(PROMPT_SETS)}, a list of prompt "
-                "strings, or a PromptSet"
+                f"unknown prompt set {prompts!r}; allowed: {available_prompt_sets()}, a list of prompt "
+                "strings, PromptSet.from_file(path), or a PromptSet"
             )
-        return PROMPT_SETS[prompts]()
+        return _PROMPT_SETS[prompts]()
     if isinstance(prompts, Sequence):
         return PromptSet(prompts)
     raise TypeError(
-        f"prompts must be a set name {sorted(PROMPT_SETS)}, a list of strings or a PromptSet, "
+        f"prompts must be a set name {available_prompt_sets()}, a list of strings or a PromptSet, "
         f"got {type(prompts).__name__}"
     )

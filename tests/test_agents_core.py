@@ -215,7 +215,7 @@ def test_min_and_max_sigma_pick_the_window_of_steps_trained_on(make_vec_env, mon
     env = make_vec_env(num_envs=2, array_type="torch")
     policy = GaussianDenoisingPolicy.from_env(env)
     trajectories = collect_trajectories(env, policy, generator=torch.Generator().manual_seed(0), seed=0)
-    sigma = policy.transition.sigma.cpu()
+    sigma = policy.sampler.sigma.cpu()
     ascending = sigma.sort().values
     trained_steps = []
     original = Trajectories.minibatches

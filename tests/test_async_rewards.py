@@ -8,7 +8,7 @@ import torch
 
 from agents import GaussianDenoisingPolicy
 from agents.async_rollouts import collect_trajectories_async
-from diffusion_env.async_rewards import AsyncRewardEvaluator
+from diffusion_env.rewards.async_rewards import AsyncRewardEvaluator
 from diffusion_env.rewards import RewardError
 
 
@@ -26,7 +26,7 @@ class RecordingPolicy:
         self.batches = 0
 
     def sample_with_log_prob(self, obs, generator=None):
-        if int(obs["timestep"][0]) == int(self.policy.transition.timesteps[0]):  # first step of a batch
+        if int(obs["timestep"][0]) == int(self.policy.sampler.timesteps[0]):  # first step of a batch
             self.events.append(("sample_start", self.batches))
             self.started[self.batches].set()
             self.batches += 1

@@ -10,7 +10,7 @@ import torch
 
 from agents import GaussianDenoisingPolicy
 from diffusion_env import DiffusionDenoiseEnv, DiffusionDenoiseVectorEnv, EpisodeStateError, RewardError
-from diffusion_env.transition import ScheduleError
+from diffusion_env.samplers import ScheduleError
 
 
 def snapshot(env):
@@ -19,7 +19,7 @@ def snapshot(env):
         core.latents.clone(),
         core.step_index,
         list(core.prompts),
-        core.prompt_embeds.clone(),
+        core.conditioning["prompt_embedding"].clone(),
         copy.deepcopy(core.generator.get_state()),
     )
 
@@ -121,9 +121,9 @@ def test_step_after_the_episode_ended_is_refused(make_env):
         (dict(prompts="animals"), ValueError, r"unknown prompt set 'animals'; allowed: \['scenes_heldout', 'scenes_heldout_several', 'scenes_heldout_three', 'scenes_train', 'scenes_train_several', 'scenes_train_three'\]"),
         (dict(prompts=[]), ValueError, "one or more prompt strings"),
         (dict(eta=0.0), ScheduleError, "allowed: 0 < eta <= 1"),
-        (dict(guidance_scale=float("nan")), ValueError, "guidance_scale must be a finite number >= 0"),
-        (dict(latent_bound=-1.0), ValueError, "latent_bound must be a finite number > 0"),
-        (dict(num_inference_steps=0), ScheduleError, "allowed: 1 to num_train_timesteps=1000"),
+        (dict(guidance_scale=float("nan")), ValueError, "guidance_scale=nan is not a finite number"),
+        (dict(latent_bound=-1.0), ValueError, r"latent_bound=-1 is out of range; allowed: 0 < latent_bound"),
+        (dict(num_inference_steps=0), ScheduleError, "allowed: an integer 1 <= num_inference_steps <= 1000"),
     ],
 )
 def test_bad_constructor_arguments_are_refused(make_env, kwargs, error, message):
@@ -144,7 +144,7 @@ def test_bad_vector_options_are_refused(make_vec_env):
         make_vec_env(autoreset_mode="Disabled")
     with pytest.raises(ValueError, match="array_type='jax'; allowed: 'numpy' or 'torch'"):
         make_vec_env(array_type="jax")
-    with pytest.raises(ValueError, match="num_envs must be a positive int"):
+    with pytest.raises(ValueError, match="num_envs=0 is out of range; allowed: an integer 1 <= num_envs"):
         make_vec_env(num_envs=0)
 
 
@@ -197,7 +197,7 @@ def test_a_failing_reward_is_reported_and_the_last_step_can_be_retried(make_env,
 def test_policy_refuses_an_observation_without_the_expected_keys(make_env):
     env = make_env()
     policy = GaussianDenoisingPolicy.from_env(env)
-    with pytest.raises(KeyError, match=r"observation lacks \['prompt_embedding', 'timestep'\]"):
+    with pytest.raises(KeyError, match=r"observation lacks \['timestep', 'prompt_embedding'\]"):
         policy.mean({"latent": np.zeros((3, 16, 16), dtype=np.float32)})
 
 

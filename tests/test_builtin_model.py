@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from agents import GaussianDenoisingPolicy
-from diffusion_env import scenes
+from diffusion_env.shapes import scenes
 
 
 def test_gym_make_defaults_to_the_builtin_model_and_its_samples_follow_the_prompts():

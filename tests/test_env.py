@@ -66,7 +66,7 @@ def test_spaces_and_episode_structure(make_env):
     assert info["image"].dtype == np.uint8 and info["image"].shape == (16, 16, 3)
     assert reward == pytest.approx(-float(info["reward_details"]["jpeg_kb"]))
     core = env.unwrapped.core
-    assert timesteps == [float(t) for t in core.transition.timesteps] + [-1.0]
+    assert timesteps == [float(t) for t in core.sampler.timesteps] + [-1.0]
 
 
 def test_reset_with_a_seed_is_deterministic(make_env):
@@ -117,7 +117,7 @@ def test_next_step_autoreset_starts_new_episodes_on_the_step_after_the_last(make
     assert info["_image"].all() and info["reward_details"]["jpeg_kb"].shape == (2,)
     obs, rewards, terminated, truncated, info = env.step(env.action_space.sample())
     assert not terminated.any() and (rewards == 0).all()
-    assert float(obs["timestep"][0, 0]) == float(env.unwrapped.core.transition.timesteps[0])
+    assert float(obs["timestep"][0, 0]) == float(env.unwrapped.core.sampler.timesteps[0])
 
 
 def test_same_step_autoreset_returns_the_final_observation_in_info(make_vec_env):
@@ -129,7 +129,7 @@ def test_same_step_autoreset_returns_the_final_observation_in_info(make_vec_env)
         action = policy.predict(obs)
         obs, rewards, terminated, truncated, info = env.step(action)
     assert terminated.all()
-    first_timestep = float(env.unwrapped.core.transition.timesteps[0])
+    first_timestep = float(env.unwrapped.core.sampler.timesteps[0])
     assert (obs["timestep"][:, 0] == first_timestep).all()
     np.testing.assert_array_equal(info["final_obs"][1]["latent"], action[1])
     assert info["final_obs"][0]["timestep"][0] == -1.0
@@ -165,8 +165,8 @@ def test_render_shows_the_decoded_x0_prediction(make_env):
     core = env.unwrapped.core
     with torch.no_grad():
         latents = torch.from_numpy(obs["latent"])[None]
-        eps = core.backend.unet(latents, core.transition.timesteps[0], encoder_hidden_states=core.prompt_embeds).sample
-    alpha = core.backend.scheduler.alphas_cumprod[int(core.transition.timesteps[0])]
+        eps = core.backend.unet(latents, core.sampler.timesteps[0], encoder_hidden_states=core.conditioning["prompt_embedding"]).sample
+    alpha = core.backend.scheduler.alphas_cumprod[int(core.sampler.timesteps[0])]
     x0 = ((latents - (1 - alpha).sqrt() * eps) / alpha.sqrt()).clamp(-1, 1)  # clip_sample=True
     expected = ((x0 / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)[0].numpy()
     np.testing.assert_array_equal(frame, expected)
@@ -204,13 +204,13 @@ def test_reduced_precision_model_still_observes_float32_and_scores_in_float32(ma
 def test_a_ddpm_backend_is_stepped_with_its_own_ancestral_sampler(make_env):
     from diffusers import DDPMScheduler
 
-    from diffusion_env.models import tiny_random_denoiser
-    from diffusion_env.transition import ScheduleError
+    from diffusion_env.backends import tiny_random_denoiser
+    from diffusion_env.samplers import ScheduleError
 
     backend = tiny_random_denoiser()
     backend.scheduler = DDPMScheduler(variance_type="fixed_large", clip_sample=True)
     env = make_env(model=backend)
-    assert env.unwrapped.core.transition.kind == "ddpm"
+    assert env.unwrapped.core.sampler.kind == "ddpm"
     policy = GaussianDenoisingPolicy.from_env(env)
     trajectory = rollout(env, policy, seed=0)
     assert len(trajectory) == NUM_STEPS + 1 and np.isfinite(trajectory[-1][1]).all()
@@ -228,6 +228,9 @@ def test_samples_per_prompt_gives_each_prompt_to_consecutive_envs_with_their_own
     core = envs.unwrapped.core
     assert core.metadata[0] == core.metadata[2] and core.metadata[0] is not core.metadata[1]
     assert not np.array_equal(obs["latent"][0], obs["latent"][1])
-    for bad in (4, 0, 1.5, True):
+    for bad in (4, 0):
         with pytest.raises(ValueError, match="allowed: a positive int that divides num_envs"):
+            make_vec_env(num_envs=6, samples_per_prompt=bad)
+    for bad in (1.5, True, "3"):
+        with pytest.raises(TypeError, match="samples_per_prompt must be an integer"):
             make_vec_env(num_envs=6, samples_per_prompt=bad)

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
 from diffusion_env import rewards
-from diffusion_env.learned_rewards import AestheticMLP, AestheticScorer, load_predictor
+from diffusion_env.rewards.aesthetic import AestheticMLP, AestheticScorer, load_predictor
 from diffusion_env.rewards import RewardError, make_reward
 
 EMBED_DIM = 8
@@ -124,7 +124,7 @@ def test_aesthetic_is_registered_lazily(monkeypatch):
     monkeypatch.delenv("DIFFUSION_ENV_AESTHETIC_PREDICTOR", raising=False)
     with pytest.raises(ValueError, match="needs the LAION predictor weights: set DIFFUSION_ENV_AESTHETIC_PREDICTOR"):
         make_reward("aesthetic")
-    assert "aesthetic" in rewards._FACTORIES  # a failed build leaves the name to retry
+    assert "aesthetic" in rewards.registry._FACTORIES  # a failed build leaves the name to retry
 
 
 def test_scorer_refuses_non_uint8_images(scorer):

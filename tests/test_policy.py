@@ -15,8 +15,8 @@ def diffusers_ddim_loop(backend, latents, prompts, noises, guidance_scale, eta=1
     """The bare sampler: diffusers' UNet + DDIMScheduler.step, with classifier-free guidance written out."""
     scheduler = DDIMScheduler.from_config(backend.scheduler.config)
     scheduler.set_timesteps(len(noises))
-    conditional = backend.encode_prompts(prompts)
-    unconditional = backend.encode_prompts([""] * len(prompts))
+    conditional = backend.encode_prompts(prompts)["prompt_embedding"]
+    unconditional = backend.encode_prompts([""] * len(prompts))["prompt_embedding"]
     for t, noise in zip(scheduler.timesteps, noises):
         with torch.no_grad():
             eps_cond = backend.unet(latents, t, encoder_hidden_states=conditional).sample
@@ -105,14 +105,15 @@ def test_log_prob_is_differentiable_with_respect_to_the_unet(make_env):
     assert grads and any(float(g.abs().sum()) > 0 for g in grads)
 
 
-def test_terminal_observation_is_refused_by_the_policy(make_env):
+def test_terminal_observation_gives_the_latent_back_and_has_no_distribution(make_env):
     env = make_env()
     policy = GaussianDenoisingPolicy.from_env(env)
     obs, _ = env.reset(seed=0)
     for _ in range(NUM_STEPS):
         obs, *_ = env.step(policy.predict(obs))
-    with pytest.raises(ValueError, match=r"timesteps \[-1\] are not denoising timesteps"):
-        policy.predict(obs)
+    np.testing.assert_array_equal(policy.predict(obs), obs["latent"])
+    with pytest.raises(ValueError, match="the observation is terminal"):
+        policy.mean(obs)
 
 
 def test_from_env_refuses_other_environments():

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion_env import builtin_model, pretrain
-from diffusion_env.models import PixelUNetDenoiser
+from diffusion_env.shapes import model as builtin_model, pretrain
+from diffusion_env.backends import PixelUNetDenoiser
 
 # A 32x32 UNet of a few thousand parameters with the built-in model's kinds of conditioning
 # (cross-attention and the pooled text embedding): a step takes milliseconds.
@@ -130,12 +130,12 @@ def test_exported_ema_round_trips_through_load_builtin_denoiser(tmp_path):
 
 
 def test_missing_weights_say_how_to_produce_them(tmp_path):
-    with pytest.raises(FileNotFoundError, match="diffusion_env.pretrain"):
+    with pytest.raises(FileNotFoundError, match="diffusion_env.shapes.pretrain"):
         builtin_model.load_builtin_denoiser(tmp_path)
 
 
 def test_builtin_scheduler_keeps_every_step_stochastic():
-    from diffusion_env.transition import GaussianTransition
+    from diffusion_env.samplers import GaussianTransition
 
     transition = GaussianTransition(builtin_model.make_scheduler(), num_inference_steps=20, eta=1.0)
     assert bool((transition.sigma > 0).all())

@@ -12,17 +12,17 @@ from transformers import (
     BlipProcessor,
 )
 
-from diffusion_env import scenes
-from diffusion_env.prompt_alignment import (
+from diffusion_env.shapes import scenes
+from diffusion_env.rewards.prompt_alignment import (
     DDPO_QUESTION,
     BertScoreRecall,
     Captioner,
     PromptAlignmentReward,
-    SceneParserCaptioner,
     TransformersCaptioner,
 )
+from diffusion_env.shapes import SceneParserCaptioner
 from diffusion_env.rewards import RewardError, available_rewards, make_reward
-from diffusion_env.text_encoders import minilm_path
+from diffusion_env.backends.text_encoders import minilm_path
 
 PROMPT = "a small red circle on a blue background"
 
@@ -107,7 +107,7 @@ def test_the_scene_captioner_describes_a_plain_image_by_its_background():
 
 def test_own_captions_score_higher_than_other_scenes_captions():
     images, captions = rendered(16, seed=3)
-    reward = PromptAlignmentReward()
+    reward = PromptAlignmentReward(SceneParserCaptioner())
     own, details = reward(images, captions, [{}] * 16)
     others, _ = reward(images, captions[1:] + captions[:1], [{}] * 16)
     np.testing.assert_allclose(own, np.ones(16), atol=1e-5)

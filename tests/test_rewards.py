@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion_env import rewards, scenes
+from diffusion_env import rewards
+from diffusion_env.shapes import scenes
 from diffusion_env.rewards import Reward, RewardError, make_reward
 
 
@@ -44,14 +45,14 @@ def test_user_callables_and_registered_names_are_both_accepted():
     assert result.rewards.shape == (3,)
     np.testing.assert_array_equal(result.details["prompt_length"], [1, 2, 3])
 
-    rewards.register("test_brightness", brightness)
+    rewards.register_reward("test_brightness", brightness)
     try:
         assert "test_brightness" in rewards.available_rewards()
         assert make_reward("test_brightness").name == "test_brightness"
         with pytest.raises(ValueError, match="already registered"):
-            rewards.register("test_brightness", brightness)
+            rewards.register_reward("test_brightness", brightness)
     finally:
-        rewards._REGISTRY.pop("test_brightness")
+        rewards.registry._REGISTRY.pop("test_brightness")
 
 
 def test_details_of_the_wrong_length_are_refused():
@@ -62,7 +63,7 @@ def test_details_of_the_wrong_length_are_refused():
 
 def test_register_refuses_what_is_not_callable():
     with pytest.raises(TypeError, match="must be callable"):
-        rewards.register("broken", 3)
+        rewards.register_reward("broken", 3)
 
 
 # ---------------------------------------------------------------- colorfulness (Hasler and Suesstrunk, 2003)
@@ -146,7 +147,7 @@ def test_combinations_refuse_unknown_names_repeats_and_bad_weights():
     with pytest.raises(ValueError, match="at least one"):
         make_reward([])
     with pytest.raises(ValueError, match="contains '\\+', '-' or '\\*'"):
-        rewards.register("a+b", lambda images, prompts, metadata: np.zeros(len(prompts)))
+        rewards.register_reward("a+b", lambda images, prompts, metadata: np.zeros(len(prompts)))
 
 
 def test_a_failing_component_names_itself():
@@ -171,8 +172,8 @@ def test_factories_build_on_first_use_only():
         make_reward("test_lazy")
         assert built == [True]
     finally:
-        rewards._REGISTRY.pop("test_lazy", None)
-        rewards._FACTORIES.pop("test_lazy", None)
+        rewards.registry._REGISTRY.pop("test_lazy", None)
+        rewards.registry._FACTORIES.pop("test_lazy", None)
 
 
 # ---------------------------------------------------------------- scene alignment

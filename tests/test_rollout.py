@@ -5,7 +5,7 @@ import json
 import numpy as np
 from PIL import Image
 
-from diffusion_env import rollout
+from agents import rollout
 from diffusion_env.images import image_grid
 
 

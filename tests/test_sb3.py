@@ -102,7 +102,7 @@ def test_min_sigma_keeps_small_sigma_steps_out_of_the_gradient(make_vec_env):
 
     envs = make_vec_env(num_envs=2, autoreset_mode=AutoresetMode.SAME_STEP)
     actor = GaussianDenoisingPolicy.from_env(envs)
-    threshold = float(actor.transition.sigma[:NUM_STEPS].median())
+    threshold = float(actor.sampler.sigma[:NUM_STEPS].median())
     model = PPO(DiffusionActorCriticPolicy, SB3VecEnvAdapter(envs), n_steps=NUM_STEPS, batch_size=2 * NUM_STEPS,
                 seed=0, device="cpu", policy_kwargs={"denoising_policy": actor, "min_sigma": threshold})
     _, callback = model._setup_learn(total_timesteps=NUM_STEPS)
@@ -124,7 +124,7 @@ def test_min_sigma_keeps_small_sigma_steps_out_of_the_gradient(make_vec_env):
 
     with pytest.raises(ValueError, match="min_sigma"):
         PPO(DiffusionActorCriticPolicy, SB3VecEnvAdapter(envs), n_steps=NUM_STEPS, batch_size=2 * NUM_STEPS,
-            device="cpu", policy_kwargs={"denoising_policy": actor, "min_sigma": float(actor.transition.sigma.max()) * 2})
+            device="cpu", policy_kwargs={"denoising_policy": actor, "min_sigma": float(actor.sampler.sigma.max()) * 2})
 
 
 def test_adam_eps_defaults_to_pytorchs_not_sb3s(make_vec_env):

@@ -9,7 +9,7 @@ import itertools
 import numpy as np
 import pytest
 
-from diffusion_env.scenes import (
+from diffusion_env.shapes.scenes import (
     ATTRIBUTE_KEYS,
     COLOR_NAMES,
     COUNTS,
@@ -221,7 +221,8 @@ def test_count_subsets_keep_the_scenes_of_those_counts_of_their_split(subset: st
 
 @pytest.mark.parametrize("subset", ["", "_several", "_three"])
 def test_heldout_counterpart_has_the_same_counts_on_combinations_never_trained_on(subset: str) -> None:
-    from diffusion_env.prompts import heldout_counterpart, make_prompt_set
+    from diffusion_env.prompts import make_prompt_set
+    from diffusion_env.shapes import heldout_counterpart
 
     train, held = make_prompt_set(f"scenes_train{subset}"), make_prompt_set(heldout_counterpart(f"scenes_train{subset}"))
     assert held.name == f"scenes_heldout{subset}"
@@ -234,7 +235,7 @@ def test_heldout_counterpart_has_the_same_counts_on_combinations_never_trained_o
 
 
 def test_heldout_counterpart_is_none_for_sets_without_one() -> None:
-    from diffusion_env.prompts import heldout_counterpart
+    from diffusion_env.shapes import heldout_counterpart
 
     assert heldout_counterpart("scenes_heldout") is None
     assert heldout_counterpart("scenes_train_four") is None  # no such registered set

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from agents.train import ALGORITHMS, Run, TrainConfig, parse_args, train
 from diffusion_env.prompts import make_prompt_set
 from diffusion_env.rewards import make_reward
-from diffusion_env.scenes import parse_scenes
+from diffusion_env.shapes.scenes import parse_scenes
 
 TINY = dict(model="tiny-random", prompts="scenes_train", num_envs=2, batches_per_epoch=1, num_inference_steps=2,
             minibatch_size=2, device="cpu", tracker_min_count=1)

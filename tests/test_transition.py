@@ -7,7 +7,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
 from torch.distributions import Normal, kl_divergence
 
-from diffusion_env.transition import GaussianTransition, ScheduleError
+from diffusion_env.samplers import GaussianTransition, ScheduleError
 
 SD_DDIM = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, set_alpha_to_one=False, steps_offset=1)
 
@@ -118,7 +118,7 @@ def test_ddim_sigma_follows_equation_16():
         (ddim(), dict(eta=0.0), "eta=0.0"),
         (ddim(), dict(eta=-1.0), "eta=-1.0"),
         (ddim(), dict(eta=float("nan")), "eta=nan"),
-        (ddim(), dict(eta=3.0), "negative"),
+        (ddim(), dict(eta=3.0), r"allowed: 0 < eta <= 1"),
         (ddim(steps_offset=0), dict(), "steps_offset=1"),
         (ddim(set_alpha_to_one=True), dict(), "set_alpha_to_one=False"),
         (DDPMScheduler(variance_type="fixed_small"), dict(), "fixed_large"),

@@ -6,9 +6,8 @@ Models") draws the next latent from an isotropic Gaussian
 
     x_{t-1} ~ N(mu_theta(x_t, t, c), sigma_t^2 I).
 
-This module is the only place in the project where mu, sigma and log N(x_{t-1}; mu, sigma^2 I) are
-computed: the environment, the vector environment and every agent call into it. Formulas are named
-as in the papers, with alpha_t standing for diffusers' ``alphas_cumprod[t]`` (the DDIM paper's
+The log-likelihood and KL are :class:`~diffusion_env.samplers.base.GaussianSampler`'s; this module
+computes mu and sigma. Formulas are named as in the papers, with alpha_t standing for diffusers' ``alphas_cumprod[t]`` (the DDIM paper's
 alpha_t, which is the DDPM paper's alpha-bar_t).
 
 Every per-step coefficient is indexed by the *step index* k (0 for the first, noisiest step), so
@@ -19,22 +18,20 @@ does when it recomputes log-likelihoods across samples and timesteps together.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Literal
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from diffusion_env.samplers.base import GaussianSampler, ScheduleError
+from diffusion_env.validation import check_int
+
 SamplerKind = Literal["ddim", "ddpm"]
 
-_HALF_LOG_TWO_PI = 0.5 * math.log(2.0 * math.pi)
 
-
-class ScheduleError(ValueError):
-    """A sampler configuration that does not define a proper Gaussian policy at every step."""
-
-
-class GaussianTransition:
+class GaussianTransition(GaussianSampler):
     """The per-step Gaussian p_theta(x_{t-1} | x_t, c) of a diffusers DDIM or DDPM sampler.
 
     Built from a diffusers scheduler *configuration*: a private copy of the scheduler is made and
@@ -78,21 +75,22 @@ class GaussianTransition:
                 f"scheduler {type(scheduler).__name__} has no exact Gaussian transition here; "
                 "allowed: diffusers.DDIMScheduler (with eta > 0) or diffusers.DDPMScheduler"
             )
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
-            raise ScheduleError(
-                f"num_inference_steps must be an int, got {num_inference_steps!r}"
-            )
         max_steps = scheduler.config.num_train_timesteps
-        if not 1 <= num_inference_steps <= max_steps:
-            raise ScheduleError(
-                f"num_inference_steps={num_inference_steps} is out of range; allowed: 1 to "
-                f"num_train_timesteps={max_steps}"
-            )
+        num_inference_steps = check_int(
+            "num_inference_steps", num_inference_steps, 1, max_steps, error=ScheduleError
+        )
+        if isinstance(eta, bool) or not isinstance(eta, numbers.Real):
+            raise TypeError(f"eta must be a number, got {eta!r} ({type(eta).__name__})")
         eta = float(eta)
         if not math.isfinite(eta) or eta <= 0.0:
             raise ScheduleError(
                 f"eta={eta} makes the sampler deterministic (sigma_t = 0), so the policy has no "
                 "log-likelihood; allowed: 0 < eta <= 1 (DDPO uses eta = 1.0)"
+            )
+        if eta > 1.0:
+            raise ScheduleError(
+                f"eta={eta} is above 1, where DDIM's sigma_t exceeds the posterior's and its mean "
+                "(DDIM eq. 12) is undefined at some steps; allowed: 0 < eta <= 1"
             )
         if self.kind == "ddpm" and eta != 1.0:
             raise ScheduleError(
@@ -120,6 +118,13 @@ class GaussianTransition:
         )
 
         timesteps = self.scheduler.timesteps.to(torch.long)
+        if int(timesteps.max()) >= max_steps:
+            raise ScheduleError(
+                f"num_inference_steps={num_inference_steps} makes the first timestep "
+                f"{int(timesteps.max())} (steps_offset={self.scheduler.config.get('steps_offset', 0)}), beyond "
+                f"the last trained timestep {max_steps - 1}; allowed: 1 to {self._max_steps(max_steps)} steps "
+                "with this scheduler"
+            )
         alphas_cumprod = self.scheduler.alphas_cumprod.to(torch.float64)
         prev_timesteps = self._previous_timesteps(timesteps)
         final_alpha = self._final_alpha_cumprod()
@@ -167,16 +172,22 @@ class GaussianTransition:
         self._check_sigma(sigma, timesteps, prev_timesteps)
 
         device = torch.device(device)
-        self.timesteps = timesteps.to(device)
+        self._set_tables(timesteps, sigma, torch.ones_like(sigma, dtype=torch.bool), device)
+        self.max_timestep = float(max_steps - 1)
+        self.init_noise_sigma = float(self.scheduler.init_noise_sigma)
         self.alpha_t = alpha_t.to(device)
-        self.sigma = sigma.to(device)
         self.coef_x0 = coef_x0.to(device)
         self.coef_eps = coef_eps.to(device)
         self.coef_xt = coef_xt.to(device)
 
-    @property
-    def device(self) -> torch.device:
-        return self.timesteps.device
+    def _max_steps(self, num_train_timesteps: int) -> int:
+        """The most inference steps whose timesteps all lie below ``num_train_timesteps``."""
+        probe = type(self.scheduler).from_config(self.scheduler.config)
+        for steps in range(num_train_timesteps, 0, -1):
+            probe.set_timesteps(steps)
+            if int(probe.timesteps.max()) < num_train_timesteps:
+                return steps
+        return 1
 
     def _previous_timesteps(self, timesteps: torch.Tensor) -> torch.Tensor:
         if self.kind == "ddim":
@@ -220,30 +231,6 @@ class GaussianTransition:
             hint = "two consecutive timesteps have the same alpha; check the beta schedule"
         raise ScheduleError(f"{where}: the log-likelihood would be infinite. Cause: {hint}.")
 
-    # ------------------------------------------------------------------ per-step lookups
-
-    def step_index_of(self, timesteps: torch.Tensor) -> torch.Tensor:
-        """Maps scheduler timesteps ``(B,)`` to step indices k ``(B,)``.
-
-        Raises:
-            ValueError: if a timestep is not one of this schedule's denoising timesteps.
-        """
-        timesteps = torch.as_tensor(timesteps, device=self.device).reshape(-1).to(torch.long)
-        matches = timesteps[:, None] == self.timesteps[None, :]
-        found = matches.any(dim=1)
-        if not bool(found.all()):
-            unknown = sorted({int(t) for t in timesteps[~found]})
-            raise ValueError(
-                f"timesteps {unknown} are not denoising timesteps of this schedule; allowed: "
-                f"{self.timesteps.tolist()}"
-            )
-        return matches.to(torch.int8).argmax(dim=1)
-
-    def _per_sample(self, table: torch.Tensor, step_index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """``table[step_index]`` shaped to broadcast against ``like`` (B, ...)."""
-        values = table[step_index.to(table.device)].to(like.device, like.dtype)
-        return values.reshape(-1, *([1] * (like.dim() - 1)))
-
     # ------------------------------------------------------------------ the formulas
 
     def predicted_noise_and_sample(
@@ -281,49 +268,27 @@ class GaussianTransition:
             + self._per_sample(self.coef_xt, step_index, latents) * latents
         )
 
-    def std(self, step_index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """sigma_t of each sample, shaped to broadcast against ``like``: DDIM eq. (16) or DDPM's."""
-        return self._per_sample(self.sigma, step_index, like)
-
-    def log_prob(
-        self, next_latents: torch.Tensor, mean: torch.Tensor, step_index: torch.Tensor
+    def predicted_clean(
+        self, latents: torch.Tensor, model_output: torch.Tensor, step_index: torch.Tensor
     ) -> torch.Tensor:
-        """Exact log N(x_{t-1}; mu, sigma_t^2 I), summed over every latent dimension: ``(B,)``.
+        """x0_hat: DDIM eq. (9) (clipped as the scheduler clips it)."""
+        return self.predicted_noise_and_sample(latents, model_output, step_index)[1]
 
-            log p = -||x_{t-1} - mu||^2 / (2 sigma_t^2) - D log sigma_t - D/2 log(2 pi)
+    # ------------------------------------------------------------------ the denoising loss
 
-        Evaluated in at least float32 whatever the model's dtype, because the sum over D terms of
-        a half-precision quadratic loses the few nats that policy gradients depend on.
-        """
-        dtype = torch.promote_types(mean.dtype, torch.float32)
-        diff = (next_latents.to(dtype) - mean.to(dtype)).flatten(1)
-        sigma = self.sigma[step_index.to(self.device)].to(dtype).to(diff.device)
-        num_dims = diff.shape[1]
-        return (
-            -diff.square().sum(dim=1) / (2.0 * sigma**2)
-            - num_dims * torch.log(sigma)
-            - num_dims * _HALF_LOG_TWO_PI
-        )
+    def training_timesteps(self, count: int, generator: torch.Generator) -> torch.Tensor:
+        """``count`` training timesteps drawn uniformly from ``[0, num_train_timesteps)`` (DDPM Alg. 1)."""
+        return torch.randint(self.scheduler.config.num_train_timesteps, (count,), generator=generator)
 
-    def log_prob_per_dimension(
-        self, next_latents: torch.Tensor, mean: torch.Tensor, step_index: torch.Tensor
-    ) -> torch.Tensor:
-        """The exact log-likelihood divided by the number of latent dimensions D: ``(B,)``.
+    def noisy_latents(self, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """DDPM eq. (4): x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps."""
+        return self.scheduler.add_noise(clean, noise, timesteps.to(clean.device))
 
-        DDPO's reference code averages the per-dimension log-density instead of summing it; this
-        is that quantity, derived from :meth:`log_prob` rather than computed a second way.
-        """
-        return self.log_prob(next_latents, mean, step_index) / next_latents[0].numel()
-
-    def kl_divergence(
-        self, mean_p: torch.Tensor, mean_q: torch.Tensor, step_index: torch.Tensor
-    ) -> torch.Tensor:
-        """KL(N(mu_p, sigma_t^2 I) || N(mu_q, sigma_t^2 I)) = ||mu_p - mu_q||^2 / (2 sigma_t^2): ``(B,)``.
-
-        Closed form for two Gaussians with the same isotropic covariance, as DPOK regularises the
-        fine-tuned policy towards the pretrained one at each step.
-        """
-        dtype = torch.promote_types(mean_p.dtype, torch.float32)
-        diff = (mean_p.to(dtype) - mean_q.to(dtype)).flatten(1)
-        sigma = self.sigma[step_index.to(self.device)].to(dtype).to(diff.device)
-        return diff.square().sum(dim=1) / (2.0 * sigma**2)
+    def regression_target(self, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The network's regression target in its own ``prediction_type``: eps, v (Salimans & Ho,
+        2022: v = sqrt(a_t) eps - sqrt(1 - a_t) x0) or x0."""
+        if self.prediction_type == "v_prediction":
+            return self.scheduler.get_velocity(clean, noise, timesteps.to(clean.device))
+        if self.prediction_type == "sample":
+            return clean
+        return noise

@@ -1,7 +1,7 @@
 """The built-in default model: a small pixel-space text-to-image UNet for the 32x32 scenes.
 
 Everything that defines the shipped model lives here, so that the pretraining script
-(:mod:`diffusion_env.pretrain`) and the loader build exactly the same thing:
+(:mod:`diffusion_env.shapes.pretrain`) and the loader build exactly the same thing:
 
 * :func:`unet_config`: the ``UNet2DConditionModel`` architecture (32x32 RGB, cross-attention to
   the MiniLM token states at 8x8, plus an attention-pooled prompt vector added to the timestep
@@ -21,8 +21,8 @@ from typing import Any
 
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
-from diffusion_env.models import PixelUNetDenoiser
-from diffusion_env.text_encoders import TransformerPromptEncoder
+from diffusion_env.backends.pixel_unet import PixelUNetDenoiser
+from diffusion_env.backends.text_encoders import TransformerPromptEncoder
 
 #: Side length of the images the model draws (the scenes' reference size).
 IMAGE_SIZE: int = 32
@@ -41,7 +41,7 @@ WEIGHTS_DIR: Path = Path(__file__).resolve().parent / "weights" / "shapes32"
 #: File name diffusers' ``SchedulerMixin.save_pretrained`` writes the scheduler configuration to.
 SCHEDULER_CONFIG_NAME: str = "scheduler_config.json"
 #: The command that reproduces the shipped weights from scratch.
-PRETRAIN_COMMAND: str = "python -m diffusion_env.pretrain --output-dir outputs/pretrain"
+PRETRAIN_COMMAND: str = "python -m diffusion_env.shapes.pretrain --output-dir outputs/pretrain"
 
 
 def unet_config() -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Roll out the model's own sampler through the vector environment and save what it drew.
 
-    python -m diffusion_env.rollout --num-envs 16 --out outputs/rollout
+    python -m agents.rollout --num-envs 16 --out outputs/rollout
 
 Writes ``samples.png`` (a grid of the final images), ``samples.json`` (each image's prompt, reward
 and log-likelihood of its trajectory) and prints the mean reward.
@@ -18,7 +18,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import diffusion_env  # noqa: F401  (registers DiffusionDenoise-v0)
-from agents import GaussianDenoisingPolicy
+from agents.policy import GaussianDenoisingPolicy
 from diffusion_env.images import image_grid
 
 

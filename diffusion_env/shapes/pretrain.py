@@ -1,7 +1,7 @@
-"""Pretraining of the built-in model from scratch: ``python -m diffusion_env.pretrain``.
+"""Pretraining of the built-in model from scratch: ``python -m diffusion_env.shapes.pretrain``.
 
 Trains the ``UNet2DConditionModel`` of :mod:`diffusion_env.builtin_model` on procedural scenes
-generated on the fly (:func:`diffusion_env.scenes.sample_training_batch`) with the MSE of the
+generated on the fly (:func:`diffusion_env.shapes.scenes.sample_training_batch`) with the MSE of the
 scheduler's prediction type (v-prediction for the built-in model, or epsilon), keeps an exponential moving average (EMA) of its weights, and exports the
 EMA network with ``save_pretrained`` to the package's weights directory.
 
@@ -36,10 +36,10 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from diffusion_env import builtin_model, scenes
+from diffusion_env.shapes import model as builtin_model, scenes
 from diffusion_env.images import image_grid
-from diffusion_env.models import PixelUNetDenoiser
-from diffusion_env.text_encoders import TransformerPromptEncoder
+from diffusion_env.backends.pixel_unet import PixelUNetDenoiser
+from diffusion_env.backends.text_encoders import TransformerPromptEncoder
 
 #: Name of the file, in the checkpoint directory, that names the current checkpoint.
 LATEST_POINTER: str = "latest"
@@ -333,7 +333,7 @@ def latest_checkpoint(output_dir: Path) -> Path:
     name = _latest_name(root)
     if name is None or not (root / name).is_dir():
         raise FileNotFoundError(
-            f"no checkpoint in {root}; start a run with `python -m diffusion_env.pretrain "
+            f"no checkpoint in {root}; start a run with `python -m diffusion_env.shapes.pretrain "
             f"--output-dir {output_dir}` (without --resume)"
         )
     return root / name
@@ -479,10 +479,10 @@ def save_grid(images: np.ndarray, path: Path, columns: int = 8, scale: int = 3) 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command-line interface of ``python -m diffusion_env.pretrain``."""
+    """The command-line interface of ``python -m diffusion_env.shapes.pretrain``."""
     defaults = TrainConfig(output_dir=Path("outputs/pretrain"))
     parser = argparse.ArgumentParser(
-        prog="python -m diffusion_env.pretrain",
+        prog="python -m diffusion_env.shapes.pretrain",
         description=(
             "Pretrain the built-in 32x32 text-to-image UNet from scratch on procedural scenes, "
             "resumably, and export its EMA weights; or evaluate a run's samples with the scene parser."
@@ -581,7 +581,7 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, dict[str, float]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m diffusion_env.pretrain``; returns the exit status."""
+    """Entry point of ``python -m diffusion_env.shapes.pretrain``; returns the exit status."""
     args = build_parser().parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -28,8 +28,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffusion_env import scenes
-
 RewardOutput = Union[Any, tuple[Any, Mapping[str, Any]]]
 RewardFn = Callable[[torch.Tensor, Sequence[str], Sequence[Mapping[str, Any]]], RewardOutput]
 
@@ -101,46 +99,10 @@ def colorfulness(
     return spread + 0.3 * offset, {"colorfulness_spread": spread, "colorfulness_offset": offset}
 
 
-#: The prompt attributes that :func:`scene_alignment` checks (the scene metadata keys).
-SCENE_ALIGNMENT_KEYS: tuple[str, ...] = scenes.ATTRIBUTE_KEYS
-
-
-def scene_alignment(
-    images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Fraction of the prompt's scene attributes that the image shows, read by :func:`scenes.parse_scenes`.
-
-    An offline stand-in for the VLM prompt-alignment reward of the DDPO paper (Black et al., 2023,
-    Sec. 6.1), for the built-in "coloured shapes" scene model: each image is parsed back into
-    background, colour, shape, count and size, and scored by the fraction of the attributes its
-    prompt's metadata names that agree. Details: per attribute, 1.0 (match), 0.0 (mismatch) or
-    NaN (the prompt does not name it; use ``np.nanmean`` to average a detail over a batch).
-
-    Raises:
-        ValueError: if a sample's metadata names none of the scene attributes.
-    """
-    parsed = scenes.parse_scenes(images.cpu().numpy())
-    batch = len(parsed)
-    details = {f"scene_{key}": np.full(batch, np.nan, dtype=np.float32) for key in SCENE_ALIGNMENT_KEYS}
-    score = np.zeros(batch, dtype=np.float32)
-    for index, (scene, meta) in enumerate(zip(parsed, metadata)):
-        named = [key for key in SCENE_ALIGNMENT_KEYS if key in meta]
-        if not named:
-            raise ValueError(
-                f"sample {index} (prompt {prompts[index]!r}) has metadata keys {sorted(meta)}; "
-                f"scene_alignment needs at least one of {list(SCENE_ALIGNMENT_KEYS)} (use a scenes prompt set)"
-            )
-        for key in named:
-            details[f"scene_{key}"][index] = float(getattr(scene, key) == meta[key])
-        score[index] = np.mean([details[f"scene_{key}"][index] for key in named])
-    return score, details
-
-
 _REGISTRY: dict[str, RewardFn] = {
     "jpeg_compressibility": jpeg_compressibility,
     "jpeg_incompressibility": jpeg_incompressibility,
     "colorfulness": colorfulness,
-    "scene_alignment": scene_alignment,
 }
 
 
@@ -158,7 +120,7 @@ def _check_free_name(name: str, overwrite: bool) -> None:
         )
 
 
-def register(name: str, fn: RewardFn, overwrite: bool = False) -> None:
+def register_reward(name: str, fn: RewardFn, overwrite: bool = False) -> None:
     """Makes ``fn`` available by ``name`` wherever a reward is named (e.g. ``gym.make(..., reward=name)``).
 
     Raises:
@@ -192,17 +154,9 @@ def register_factory(name: str, factory: Callable[[], RewardFn], overwrite: bool
 def _aesthetic() -> RewardFn:
     """Builds the LAION aesthetic reward (DDPO, Black et al., 2023, Sec. 6.1) from its configured weights."""
     # Imported on first use, so that importing the package loads neither transformers nor a model.
-    from diffusion_env.learned_rewards import aesthetic_from_environment
+    from diffusion_env.rewards.aesthetic import aesthetic_from_environment
 
     return aesthetic_from_environment()
-
-
-def _prompt_alignment() -> RewardFn:
-    """Builds the DDPO prompt-alignment reward (Black et al., 2023, Sec. 6.3) with the offline scene captioner."""
-    # Imported on first use: the scorer loads the MiniLM encoder.
-    from diffusion_env.prompt_alignment import PromptAlignmentReward
-
-    return PromptAlignmentReward()
 
 
 def available_rewards() -> list[str]:
@@ -400,4 +354,3 @@ def make_reward(reward: str | RewardFn | Reward | Sequence[RewardTerm]) -> Rewar
 
 
 register_factory("aesthetic", _aesthetic)
-register_factory("prompt_alignment", _prompt_alignment)

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from diffusion_env.rewards import Reward, RewardError, RewardFn, RewardResult, make_reward
+from diffusion_env.rewards.registry import Reward, RewardError, RewardFn, RewardResult, make_reward
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,8 +11,8 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTo
 
 
 @functools.lru_cache(maxsize=None)
-def _load_pretrained(path: str) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
-    # One copy per process: every environment of a test session shares the frozen encoder.
+def load_pretrained_text_model(path: str) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    """The tokenizer and frozen model of a local transformers directory, loaded once per process."""
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModel.from_pretrained(path, local_files_only=True).eval().requires_grad_(False)
     return tokenizer, model
@@ -49,7 +49,7 @@ class TransformerPromptEncoder:
         dtype: torch.dtype = torch.float32,
     ) -> None:
         self.path = str(path if path is not None else minilm_path())
-        self.tokenizer, self.model = _load_pretrained(self.path)
+        self.tokenizer, self.model = load_pretrained_text_model(self.path)
         self.max_length = max_length
         self.hidden_size: int = self.model.config.hidden_size
         self.device = torch.device(device)

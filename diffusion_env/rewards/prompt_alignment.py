@@ -12,11 +12,12 @@ without being penalised, while every prompt word must find a match in the captio
 
 Three parts, each replaceable:
 
-* a :class:`Captioner` (images -> strings): :class:`SceneParserCaptioner`, the offline default,
-  reads the built-in "coloured shapes" scenes back with :func:`scenes.parse_scenes`;
-  :class:`TransformersCaptioner` runs any transformers image-to-text model (BLIP, LLaVA, ...);
+* a :class:`Captioner` (images -> strings): :class:`TransformersCaptioner` runs any transformers
+  image-to-text model (BLIP, LLaVA, ...); the built-in world's offline
+  :class:`~diffusion_env.shapes.rewards.SceneParserCaptioner` reads its scenes back;
 * :class:`BertScoreRecall`, the scorer, on the MiniLM encoder that this package ships;
-* :class:`PromptAlignmentReward`, the reward callable, registered as ``"prompt_alignment"``.
+* :class:`PromptAlignmentReward`, the reward callable; :mod:`diffusion_env.shapes` registers it
+  with the scene captioner as ``"prompt_alignment"``.
 
 Differences from the reference BERTScore: no idf weighting and no baseline rescaling (the paper's
 reward uses neither), and the last hidden layer of MiniLM rather than a tuned layer of RoBERTa.
@@ -33,14 +34,14 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from diffusion_env import scenes
-from diffusion_env.text_encoders import _load_pretrained, minilm_path
+from diffusion_env.backends.text_encoders import load_pretrained_text_model, minilm_path
 
 #: The question the DDPO paper puts to LLaVA (Black et al., 2023, Sec. 6.3).
 DDPO_QUESTION = "what is going on in this image?"
 
 
-def _check_images(images: torch.Tensor) -> None:
+def check_image_batch(images: torch.Tensor) -> None:
+    """Raises ``ValueError`` unless ``images`` is a uint8 tensor ``(B, H, W, 3)``."""
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[-1] != 3 or images.dtype != torch.uint8:
         description = (
             f"{images.dtype} of shape {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
@@ -55,34 +56,6 @@ class Captioner(Protocol):
     def __call__(self, images: torch.Tensor) -> list[str]:
         """One caption per image, in order."""
         ...
-
-
-class SceneParserCaptioner:
-    """Captions the built-in model's scenes offline, by parsing them with :func:`scenes.parse_scenes`.
-
-    The stand-in for the DDPO paper's VLM on the "coloured shapes" scenes: the caption uses the
-    scene vocabulary ("two small red circles on a blue background"), so a faithful image's caption
-    repeats its prompt word for word. An image without a shape is described by its background
-    alone ("a red background"), and a cluttered one with the number of shapes in digits
-    ("5 small red circles ..."), so the caption never claims what the image does not show.
-    """
-
-    __name__ = "scene_parser_captioner"
-
-    def __call__(self, images: torch.Tensor) -> list[str]:
-        """Scene captions of uint8 images ``(B, H, W, 3)`` (height and width at least 8)."""
-        _check_images(images)
-        return [self._caption(parsed) for parsed in scenes.parse_scenes(images.cpu().numpy())]
-
-    @staticmethod
-    def _caption(parsed: scenes.ParsedScene) -> str:
-        article = "an" if parsed.background[0] in "aeiou" else "a"
-        if parsed.shape is None or parsed.color is None or parsed.size is None or parsed.count < 1:
-            return f"{article} {parsed.background} background"
-        if parsed.count in scenes.COUNTS and parsed.color != parsed.background:
-            return scenes.describe(parsed.background, parsed.color, parsed.shape, parsed.count, parsed.size)
-        # Outside the prompt grammar (more than three shapes): same wording, count in digits.
-        return f"{parsed.count} {parsed.size} {parsed.color} {parsed.shape}s on {article} {parsed.background} background"
 
 
 class TransformersCaptioner:
@@ -169,7 +142,7 @@ class TransformersCaptioner:
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> list[str]:
         """Answers (captions) of uint8 images ``(B, H, W, 3)``, one string per image."""
-        _check_images(images)
+        check_image_batch(images)
         captions: list[str] = []
         for chunk in images.split(self.batch_size):
             captions.extend(self._caption_chunk(chunk))
@@ -237,7 +210,7 @@ class BertScoreRecall:
         if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 0:
             raise ValueError(f"cache_size must be an int >= 0 (0: no cache), got {cache_size!r}")
         self.path = str(path if path is not None else minilm_path())
-        self.tokenizer, self.model = _load_pretrained(self.path)
+        self.tokenizer, self.model = load_pretrained_text_model(self.path)
         self.batch_size = batch_size
         self.cache_size = cache_size
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
@@ -304,12 +277,12 @@ class PromptAlignmentReward:
     array of B strings) and ``"bertscore_recall"`` (the reward itself, for logging in combinations).
 
     Args:
-        captioner: default :class:`SceneParserCaptioner` (offline, for the built-in scene model).
+        captioner: images -> one caption each, e.g. a :class:`TransformersCaptioner`.
         scorer: default :class:`BertScoreRecall` on the shipped MiniLM.
     """
 
-    def __init__(self, captioner: Captioner | None = None, scorer: BertScoreRecall | None = None) -> None:
-        self.captioner: Captioner = captioner if captioner is not None else SceneParserCaptioner()
+    def __init__(self, captioner: Captioner, scorer: BertScoreRecall | None = None) -> None:
+        self.captioner: Captioner = captioner
         if not callable(self.captioner):
             raise TypeError(
                 f"captioner must be callable (images -> list of str), got {type(self.captioner).__name__}"
@@ -321,7 +294,7 @@ class PromptAlignmentReward:
         self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Rewards ``(B,)`` float32 in [-1, 1] and the details above."""
-        _check_images(images)
+        check_image_batch(images)
         captions = self.captioner(images)
         if isinstance(captions, str) or len(captions) != images.shape[0]:
             raise ValueError(

@@ -1,0 +1,108 @@
+"""Samplers: the per-step Gaussian policies of diffusion schedulers, found by name or by scheduler type.
+
+:func:`make_sampler` builds the sampler of a back-end's scheduler: a registered name picks one
+explicitly; otherwise the scheduler's type does (``DDIMScheduler`` and ``DDPMScheduler`` give
+:class:`GaussianTransition`). A new sampler is one module that subclasses
+:class:`~diffusion_env.samplers.base.GaussianSampler` and one call of :func:`register_sampler`
+(by name) or :func:`register_scheduler_sampler` (as the default of a scheduler type).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from diffusion_env.samplers.base import GaussianSampler, Sampler, ScheduleError
+from diffusion_env.samplers.ddim_ddpm import GaussianTransition
+
+#: ``factory(scheduler, num_inference_steps, device=..., **options) -> Sampler``.
+SamplerFactory = Callable[..., Sampler]
+
+_BY_NAME: dict[str, SamplerFactory] = {"ddim_ddpm": GaussianTransition}
+_BY_SCHEDULER: dict[type, SamplerFactory] = {DDIMScheduler: GaussianTransition, DDPMScheduler: GaussianTransition}
+
+
+def register_sampler(name: str, factory: SamplerFactory, overwrite: bool = False) -> None:
+    """Makes ``factory`` available as ``sampler=name`` (e.g. ``gym.make(..., sampler=name)``).
+
+    Raises:
+        ValueError: if ``name`` is taken and ``overwrite`` is False.
+        TypeError: if ``factory`` is not callable.
+    """
+    if not callable(factory):
+        raise TypeError(f"sampler {name!r} must be callable, got {type(factory).__name__}")
+    if name in _BY_NAME and not overwrite:
+        raise ValueError(f"sampler {name!r} is already registered; pass overwrite=True to replace it")
+    _BY_NAME[name] = factory
+
+
+def register_scheduler_sampler(scheduler_type: type, factory: SamplerFactory, overwrite: bool = False) -> None:
+    """Makes ``factory`` the default sampler of back-ends whose scheduler is a ``scheduler_type``."""
+    if not callable(factory):
+        raise TypeError(f"the sampler of {scheduler_type.__name__} must be callable, got {type(factory).__name__}")
+    if scheduler_type in _BY_SCHEDULER and not overwrite:
+        raise ValueError(f"{scheduler_type.__name__} already has a sampler; pass overwrite=True to replace it")
+    _BY_SCHEDULER[scheduler_type] = factory
+
+
+def available_samplers() -> list[str]:
+    """The registered sampler names."""
+    return sorted(_BY_NAME)
+
+
+def make_sampler(
+    scheduler: SchedulerMixin,
+    num_inference_steps: int,
+    sampler: str | SamplerFactory | None = None,
+    device: torch.device | str = "cpu",
+    **options: Any,
+) -> Sampler:
+    """The sampler of ``scheduler`` with K = ``num_inference_steps`` steps.
+
+    Args:
+        scheduler: the back-end's diffusers scheduler (only its configuration is read).
+        num_inference_steps: K.
+        sampler: a registered name, a factory, or None for the default of the scheduler's type.
+        device: where the per-step tables live.
+        options: the sampler's own options (e.g. ``eta`` for DDIM).
+
+    Raises:
+        ValueError: for an unknown name; ScheduleError: for a scheduler with no sampler.
+    """
+    if sampler is None:
+        factory = next((f for kind, f in _BY_SCHEDULER.items() if isinstance(scheduler, kind)), None)
+        if factory is None:
+            raise ScheduleError(
+                f"scheduler {type(scheduler).__name__} has no registered sampler; allowed: a scheduler of "
+                f"{sorted(kind.__name__ for kind in _BY_SCHEDULER)}, or sampler= one of {available_samplers()} "
+                "or a factory"
+            )
+    elif isinstance(sampler, str):
+        if sampler not in _BY_NAME:
+            raise ValueError(f"unknown sampler {sampler!r}; allowed: {available_samplers()} or a factory")
+        factory = _BY_NAME[sampler]
+    elif callable(sampler):
+        factory = sampler
+    else:
+        raise TypeError(f"sampler must be a name, a factory or None, got {type(sampler).__name__}")
+    built = factory(scheduler, num_inference_steps, device=device, **options)
+    if not isinstance(built, Sampler):
+        raise TypeError(f"the sampler factory returned {type(built).__name__}, which does not implement Sampler")
+    return built
+
+
+__all__ = [
+    "GaussianSampler",
+    "GaussianTransition",
+    "Sampler",
+    "SamplerFactory",
+    "ScheduleError",
+    "available_samplers",
+    "make_sampler",
+    "register_sampler",
+    "register_scheduler_sampler",
+]
