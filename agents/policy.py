@@ -163,10 +163,10 @@ class GaussianDenoisingPolicy(nn.Module):
         conditioning = {}
         for key, shape in self.backend.conditioning_shapes.items():
             value = torch.as_tensor(observation[key], device=self.device)
-            value = value[None] if single else value
-            if tuple(value.shape) != (batch, *shape):
-                raise ValueError(f"observation[{key!r}] has shape {tuple(value.shape)}; allowed: (B, *{tuple(shape)}) with B = {batch}")
-            conditioning[key] = value
+            expected = tuple(shape) if single else (batch, *shape)
+            if tuple(value.shape) != expected:
+                raise ValueError(f"observation[{key!r}] has shape {tuple(value.shape)}; allowed: {expected}, as the latent")
+            conditioning[key] = value[None] if single else value
         terminal = timesteps == TERMINAL_TIMESTEP
         step_index = torch.zeros(batch, dtype=torch.long, device=self.device)
         if not bool(terminal.all()):

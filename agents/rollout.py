@@ -1,6 +1,7 @@
 """Roll out the model's own sampler through the vector environment and save what it drew.
 
     python -m agents.rollout --num-envs 16 --out outputs/rollout
+    diffusion-env-rollout --model shapes32 --prompt-file my_prompts.txt
 
 Writes ``samples.png`` (a grid of the final images), ``samples.json`` (each image's prompt, reward
 and log-likelihood of its trajectory) and prints the mean reward.
@@ -20,30 +21,35 @@ from tqdm import tqdm
 import diffusion_env  # noqa: F401  (registers DiffusionDenoise-v0)
 from agents.policy import GaussianDenoisingPolicy
 from diffusion_env.images import image_grid
+from diffusion_env.prompts import PromptSet
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--num-envs", type=int, default=16, help="images sampled in one batch")
     parser.add_argument("--num-inference-steps", type=int, default=20, help="denoising steps per image")
     parser.add_argument("--model", default=None, help="registered model name (default: the environment's)")
     parser.add_argument("--reward", default="jpeg_compressibility", help="registered reward name")
     parser.add_argument("--prompts", default="scenes_train", help="registered prompt-set name")
+    parser.add_argument("--prompt-file", type=Path, default=None, help="text file of prompts, one a line (replaces --prompts)")
     parser.add_argument("--seed", type=int, default=0, help="seed of prompts, initial noise and policy noise")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     parser.add_argument("--out", type=Path, default=Path("outputs/rollout"), help="output directory")
     parser.add_argument("--upscale", type=int, default=4, help="pixel repetition of the saved grid")
-    return parser.parse_args(argv)
+    return parser
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    args = parse_args(argv)
+def rollout(args: argparse.Namespace) -> dict[str, float]:
+    """Runs the rollout ``args`` describe; returns the mean and standard deviation of the reward."""
     model_kwargs = {} if args.model is None else {"model": args.model}
+    prompts = PromptSet.from_file(args.prompt_file) if args.prompt_file is not None else args.prompts
     env = gym.make_vec(
         "DiffusionDenoise-v0",
         num_envs=args.num_envs,
         reward=args.reward,
-        prompts=args.prompts,
+        prompts=prompts,
         num_inference_steps=args.num_inference_steps,
         device=args.device,
         array_type="torch",
@@ -85,5 +91,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     return summary
 
 
+def main(argv: list[str] | None = None) -> int:
+    """The command: exit status 0 on success; a bad argument is one line on stderr and status 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        rollout(args)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        # Names, numbers and devices are checked where they are used; report them as argparse does.
+        parser.error(str(error))
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -68,8 +68,8 @@ def check_device(device: Any) -> torch.device:
     """``device`` as a ``torch.device`` that exists on this machine, or a ``ValueError`` saying what does."""
     try:
         device = torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise ValueError(f"device={device!r} is not a torch device ({error}); allowed: {available_devices()}") from None
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r} is not a torch device; allowed: {available_devices()}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={str(device)!r}: no CUDA device is available on this machine; allowed: {available_devices()}")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():

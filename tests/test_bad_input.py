@@ -152,7 +152,7 @@ def finish_episode(env):
     """Steps to the last transition and returns (obs before the last step, its action)."""
     obs, _ = env.reset(seed=0)
     policy = GaussianDenoisingPolicy.from_env(env)
-    for _ in range(env.unwrapped.core.num_steps - 1):
+    for _ in range(env.unwrapped.num_inference_steps - 1):
         obs, *_ = env.step(policy.predict(obs))
     return obs, policy.predict(obs)
 
@@ -204,3 +204,90 @@ def test_policy_refuses_an_observation_without_the_expected_keys(make_env):
 def test_gym_make_refuses_unknown_keyword_arguments():
     with pytest.raises(TypeError, match="num_steps"):
         gym.make("DiffusionDenoise-v0", num_steps=3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(eta=1.0001), ScheduleError, r"eta=1.0001 is above 1.*allowed: 0 < eta <= 1"),
+        (dict(eta="1"), TypeError, r"eta must be a number, got '1' \(str\)"),
+        (dict(num_inference_steps="2"), TypeError, r"num_inference_steps must be an integer, got '2' \(str\)"),
+        (dict(num_inference_steps=2.0), TypeError, r"num_inference_steps must be an integer, got 2.0 \(float\)"),
+        (dict(guidance_scale=True), TypeError, r"guidance_scale must be a number, got True \(bool\)"),
+        (dict(guidance_scale="2"), TypeError, r"guidance_scale must be a number, got '2' \(str\)"),
+        (dict(latent_bound="100"), TypeError, r"latent_bound must be a number"),
+        (dict(device="xyz"), ValueError, r"device='xyz' is not a torch device; allowed: \['cpu'"),
+        (dict(dtype="float32"), TypeError, r"dtype must be a floating-point torch.dtype"),
+    ],
+)
+def test_strings_bools_and_out_of_range_numbers_are_refused(make_env, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        make_env(**kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_on_a_machine_without_it_says_what_is_available(make_env):
+    with pytest.raises(ValueError, match=r"no CUDA device is available on this machine; allowed: \['cpu'"):
+        make_env(device="cuda")
+
+
+def test_integers_of_any_integral_type_are_accepted(make_vec_env):
+    envs = make_vec_env(num_envs=np.int64(2), num_inference_steps=np.int32(2), samples_per_prompt=np.int16(1))
+    obs, _ = envs.reset(seed=0)
+    assert envs.num_envs == 2 and isinstance(envs.num_envs, int) and obs["latent"].shape[0] == 2
+    assert envs.unwrapped.num_inference_steps == 2
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "ddpm"])
+def test_every_documented_number_of_steps_either_works_or_says_the_allowed_range(scheduler):
+    from diffusers import DDPMScheduler
+
+    from diffusion_env.backends import tiny_random_denoiser
+
+    backend = tiny_random_denoiser()
+    if scheduler == "ddpm":
+        backend.scheduler = DDPMScheduler(num_train_timesteps=1000, variance_type="fixed_large")
+    for steps in (1, 999, 1000):
+        try:
+            env = DiffusionDenoiseEnv(model=backend, num_inference_steps=steps, prompts=["a"])
+        except ScheduleError as error:
+            # DDIM with steps_offset=1 (Stable Diffusion's setting) puts 1000 steps' first timestep at 1000.
+            assert scheduler == "ddim" and steps == 1000
+            assert "allowed: 1 to 999 steps with this scheduler" in str(error)
+        else:
+            assert env.unwrapped.num_inference_steps == steps
+            assert int(env.unwrapped.sampler.timesteps.max()) <= 999
+
+
+def test_a_valid_action_with_negative_strides_is_taken(make_env):
+    env = make_env()
+    obs, _ = env.reset(seed=0)
+    action = np.arange(3 * 16 * 16, dtype=np.float32).reshape(3, 16, 16)[..., ::-1] / 1000
+    assert env.action_space.contains(action)
+    obs, *_ = env.step(action)
+    np.testing.assert_array_equal(obs["latent"], action)
+
+
+def test_a_sparse_torch_action_is_refused_and_leaves_the_state_unchanged(make_vec_env):
+    envs = make_vec_env(array_type="torch")
+    obs, _ = envs.reset(seed=0)
+    before = snapshot(envs)
+    with pytest.raises(TypeError, match=r"layout torch.sparse_coo; allowed: a dense \(strided\) tensor"):
+        envs.step(torch.zeros_like(obs["latent"]).to_sparse())
+    assert_unchanged(envs, before)
+
+
+def test_the_policy_refuses_wrong_shapes_and_unknown_timesteps(make_env):
+    env = make_env()
+    policy = GaussianDenoisingPolicy.from_env(env)
+    obs, _ = env.reset(seed=0)
+    with pytest.raises(ValueError, match=r"action has shape \(3, 16, 15\); allowed: \(1, 3, 16, 16\)"):
+        policy.log_prob(obs, np.zeros((3, 16, 15), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"observation\['latent'\] has shape \(3, 16, 15\); allowed: \(3, 16, 16\)"):
+        policy.predict({**obs, "latent": np.zeros((3, 16, 15), dtype=np.float32)})
+    with pytest.raises(ValueError, match=r"observation\['prompt_embedding'\] has shape \(2, 16, 384\)"):
+        policy.predict({**obs, "prompt_embedding": np.zeros((2, 16, 384), dtype=np.float32)})
+    with pytest.raises(ValueError, match=r"timesteps \[nan\] are not denoising timesteps"):
+        policy.predict({**obs, "timestep": np.array([np.nan], dtype=np.float32)})
+    with pytest.raises(ValueError, match=r"timesteps \[5\] are not denoising timesteps"):
+        policy.predict({**obs, "timestep": np.array([5.0], dtype=np.float32)})

@@ -234,3 +234,40 @@ def test_samples_per_prompt_gives_each_prompt_to_consecutive_envs_with_their_own
     for bad in (1.5, True, "3"):
         with pytest.raises(TypeError, match="samples_per_prompt must be an integer"):
             make_vec_env(num_envs=6, samples_per_prompt=bad)
+
+
+def test_the_next_step_loop_with_the_policy_runs_through_episode_ends(make_vec_env):
+    envs = make_vec_env(num_envs=2)
+    policy = GaussianDenoisingPolicy.from_env(envs, seed=0)
+    obs, _ = envs.reset(seed=0)
+    ends = 0
+    for _ in range(3 * (NUM_STEPS + 1)):
+        obs, rewards, terminated, truncated, info = envs.step(policy.predict(obs))
+        ends += int(terminated.all())
+    assert ends == 3
+
+
+@pytest.mark.parametrize("kind", ["single", "numpy", "torch"])
+def test_observations_are_copies_of_the_state(make_env, make_vec_env, kind):
+    env = make_env(render_mode="rgb_array") if kind == "single" else make_vec_env(array_type=kind, render_mode="rgb_array")
+    obs, _ = env.reset(seed=0)
+    latent_before = env.unwrapped.core.latents.clone()
+    embedding_before = env.unwrapped.core.conditioning["prompt_embedding"].clone()
+    frame_before = env.render()
+    obs["latent"][:] = 0
+    obs["prompt_embedding"][:] = 0
+    obs["timestep"][:] = 0
+    assert torch.equal(env.unwrapped.core.latents, latent_before)
+    assert torch.equal(env.unwrapped.core.conditioning["prompt_embedding"], embedding_before)
+    np.testing.assert_array_equal(np.asarray(env.render()), np.asarray(frame_before))
+
+
+def test_the_terminal_observation_in_final_obs_is_a_copy(make_vec_env):
+    envs = make_vec_env(num_envs=2, autoreset_mode="SameStep")
+    policy = GaussianDenoisingPolicy.from_env(envs, seed=0)
+    obs, _ = envs.reset(seed=0)
+    for _ in range(NUM_STEPS):
+        obs, _, terminated, _, info = envs.step(policy.predict(obs))
+    final = info["final_obs"][0]["latent"].copy()
+    obs["latent"][:] = 0
+    np.testing.assert_array_equal(info["final_obs"][0]["latent"], final)

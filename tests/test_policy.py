@@ -139,3 +139,43 @@ def test_lora_adapters_start_at_the_pretrained_policy_and_are_all_that_trains(ma
         action = policy.sample(obs, generator=torch.Generator().manual_seed(0))
     policy.log_prob(obs, action).sum().backward()
     assert any(float(p.grad.abs().sum()) > 0 for p in adapters.values())
+
+
+def test_a_seeded_policy_gives_the_same_actions_in_any_process(make_env):
+    env = make_env()
+    obs, _ = env.reset(seed=0)
+    first = GaussianDenoisingPolicy.from_env(env, seed=7).predict(obs)
+    torch.manual_seed(123)  # the global generator does not matter to a seeded policy
+    second = GaussianDenoisingPolicy.from_env(env, seed=7).predict(obs)
+    np.testing.assert_array_equal(first, second)
+    assert not np.array_equal(first, GaussianDenoisingPolicy.from_env(env, seed=8).predict(obs))
+
+
+def test_lora_adapters_are_drawn_from_their_seed(make_env):
+    def adapters(seed):
+        policy = GaussianDenoisingPolicy.from_env(make_env())
+        return {name: p.detach().clone() for name, p in policy.add_lora(2, seed=seed).items()}
+
+    torch.manual_seed(1)
+    a = adapters(0)
+    torch.manual_seed(2)
+    b = adapters(0)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    c = adapters(1)
+    assert any(not torch.equal(a[k], c[k]) for k in a if "lora_A" in k)
+
+
+def test_disabled_adapters_give_the_pretrained_mean_and_are_switched_back_on(make_env):
+    env = make_env()
+    policy = GaussianDenoisingPolicy.from_env(env)
+    obs, _ = env.reset(seed=0)
+    with torch.no_grad():
+        pretrained = policy.mean(obs)
+        for parameter in policy.add_lora(2, seed=0).values():
+            parameter.add_(0.5)  # move B (and A) away from the pretrained policy
+        tuned = policy.mean(obs)
+        with policy.adapters_disabled():
+            reference = policy.mean(obs)
+        after = policy.mean(obs)
+    assert torch.equal(reference, pretrained)
+    assert not torch.allclose(tuned, pretrained) and torch.equal(after, tuned)
