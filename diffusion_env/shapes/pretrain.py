@@ -1,14 +1,15 @@
 """Pretraining of the built-in model from scratch: ``python -m diffusion_env.shapes.pretrain``.
 
-Trains the ``UNet2DConditionModel`` of :mod:`diffusion_env.builtin_model` on procedural scenes
+Trains the ``UNet2DConditionModel`` of :mod:`diffusion_env.shapes.model` on procedural scenes
 generated on the fly (:func:`diffusion_env.shapes.scenes.sample_training_batch`) with the MSE of the
 scheduler's prediction type (v-prediction for the built-in model, or epsilon), keeps an exponential moving average (EMA) of its weights, and exports the
 EMA network with ``save_pretrained`` to the package's weights directory.
 
-A run is resumable across sessions: every ``--checkpoint-every`` steps the UNet, the EMA weights
-(safetensors), the optimizer, every random-number generator and the loss history (``torch.save``)
-are written into a new step directory, which becomes current only through an atomic rename and
-an atomically replaced ``latest`` pointer, so an interrupted write never damages the previous
+A run is resumable: every ``--checkpoint-every`` steps the UNet, the EMA weights (safetensors),
+the optimizer, every random-number generator and the loss history (``torch.save``, read back with
+``weights_only=True``) are written into a new step directory through
+:mod:`diffusion_env.checkpoints`, which makes it current only through an atomic rename and an
+atomically replaced ``latest`` pointer, so an interrupted write never damages the previous
 checkpoint. ``--resume`` continues the run bit for bit, as if it had never stopped.
 
 ``--evaluate`` samples images for train prompts with the environment's sampler (DDIM, eta = 1,
@@ -21,10 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import shutil
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -33,16 +32,14 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from diffusion_env import checkpoints
 from diffusion_env.shapes import model as builtin_model, scenes
 from diffusion_env.images import image_grid
 from diffusion_env.backends.pixel_unet import PixelUNetDenoiser
 from diffusion_env.backends.text_encoders import TransformerPromptEncoder
 
-#: Name of the file, in the checkpoint directory, that names the current checkpoint.
-LATEST_POINTER: str = "latest"
 #: Completed checkpoints kept on disk (older ones are deleted once a newer one is current).
 CHECKPOINTS_KEPT: int = 2
 
@@ -257,16 +254,6 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> T
 # ---------------------------------------------------------------------------------- checkpoints
 
 
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Calls ``write(tmp_path)`` and renames the result over ``path`` in one atomic step."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _checkpoint_root(output_dir: Path) -> Path:
     """Directory holding a run's step directories and its ``latest`` pointer."""
     return Path(output_dir) / "checkpoints"
@@ -275,52 +262,27 @@ def _checkpoint_root(output_dir: Path) -> Path:
 def save_checkpoint(state: TrainState, config: TrainConfig) -> Path:
     """Writes the run's state as ``checkpoints/step-XXXXXXX`` and makes it the current one.
 
-    The files go into a temporary directory next to the final one, which is renamed into place
-    only when complete; then the ``latest`` pointer is replaced atomically. A crash at any point
-    leaves the previous checkpoint current and intact.
+    Through :func:`diffusion_env.checkpoints.write_checkpoint`: the files go into a temporary
+    directory that is renamed into place only when complete, then the ``latest`` pointer is
+    replaced atomically, so a crash at any point leaves the previous checkpoint current and
+    intact. Only the last :data:`CHECKPOINTS_KEPT` checkpoints are kept.
     """
-    root = _checkpoint_root(config.output_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    name = f"step-{state.step:07d}"
-    final = root / name
-    tmp = root / f".{name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        save_file(state.unet.state_dict(), tmp / "unet.safetensors")
-        names = [n for n, _ in state.unet.named_parameters()]
-        shadow = {n: p.contiguous() for n, p in zip(names, state.ema.shadow_params)}
-        save_file(shadow, tmp / "ema.safetensors")
-        ema_scalars = {k: v for k, v in state.ema.state_dict().items() if k != "shadow_params"}
-        torch.save(
-            {
-                "step": state.step,
-                "config": config.to_json(),
-                "optimizer": state.optimizer.state_dict(),
-                "ema": ema_scalars,
-                "data_rng": state.data_rng.bit_generator.state,
-                "noise_generator": state.noise_generator.get_state(),
-                "losses": list(state.losses),
-            },
-            tmp / "state.pt",
-        )
-        # Only a checkpoint that the pointer does not name can be here (a leftover of a crash
-        # between this rename and the pointer update), so it is safe to drop.
-        if final.exists() and _latest_name(root) != name:
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    _atomic_write(root / LATEST_POINTER, lambda p: p.write_text(name + "\n"))
-    for old in sorted(root.glob("step-*"))[:-CHECKPOINTS_KEPT]:
-        shutil.rmtree(old)
-    return final
-
-
-def _latest_name(root: Path) -> str | None:
-    """Name of the step directory the pointer in ``root`` names, or None before the first checkpoint."""
-    pointer = root / LATEST_POINTER
-    return pointer.read_text().strip() if pointer.is_file() else None
+    names = [n for n, _ in state.unet.named_parameters()]
+    return checkpoints.write_checkpoint(
+        _checkpoint_root(config.output_dir),
+        f"step-{state.step:07d}",
+        weights={"unet": state.unet.state_dict(), "ema": dict(zip(names, state.ema.shadow_params))},
+        state={
+            "step": state.step,
+            "config": config.to_json(),
+            "optimizer": state.optimizer.state_dict(),
+            "ema": {k: v for k, v in state.ema.state_dict().items() if k != "shadow_params"},
+            "data_rng": state.data_rng.bit_generator.state,
+            "noise_generator": state.noise_generator.get_state(),
+            "losses": list(state.losses),
+        },
+        keep_last=CHECKPOINTS_KEPT,
+    )
 
 
 def latest_checkpoint(output_dir: Path) -> Path:
@@ -330,13 +292,13 @@ def latest_checkpoint(output_dir: Path) -> Path:
         FileNotFoundError: when the run has no completed checkpoint.
     """
     root = _checkpoint_root(output_dir)
-    name = _latest_name(root)
-    if name is None or not (root / name).is_dir():
+    try:
+        return checkpoints.find_checkpoint(root)
+    except FileNotFoundError:
         raise FileNotFoundError(
             f"no checkpoint in {root}; start a run with `python -m diffusion_env.shapes.pretrain "
             f"--output-dir {output_dir}` (without --resume)"
-        )
-    return root / name
+        ) from None
 
 
 def load_checkpoint(output_dir: Path, overrides: TrainConfig | None = None) -> tuple[TrainConfig, TrainState]:
@@ -348,7 +310,7 @@ def load_checkpoint(output_dir: Path, overrides: TrainConfig | None = None) -> t
             ones (e.g. more ``steps`` to extend a run); its other fields are ignored.
     """
     path = latest_checkpoint(output_dir)
-    blob = torch.load(path / "state.pt", weights_only=False)
+    blob = checkpoints.read_state(path)
     stored = blob["config"]
     stored["output_dir"] = Path(stored["output_dir"])
     stored["export_dir"] = None if stored["export_dir"] is None else Path(stored["export_dir"])
@@ -357,8 +319,8 @@ def load_checkpoint(output_dir: Path, overrides: TrainConfig | None = None) -> t
         for name in TrainConfig.RESUMABLE_CHANGES:
             setattr(config, name, getattr(overrides, name))
     state = new_state(config)
-    state.unet.load_state_dict(load_file(path / "unet.safetensors"))
-    shadow = load_file(path / "ema.safetensors")
+    state.unet.load_state_dict(checkpoints.read_weights(path, "unet"))
+    shadow = checkpoints.read_weights(path, "ema")
     names = [n for n, _ in state.unet.named_parameters()]
     state.ema.load_state_dict({**blob["ema"], "shadow_params": [shadow[n] for n in names]})
     state.optimizer.load_state_dict(blob["optimizer"])
@@ -406,7 +368,7 @@ def plot_losses(losses: Sequence[float], path: Path) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    _atomic_write(Path(path), lambda p: fig.savefig(p, format="png", dpi=100))
+    checkpoints.atomic_write(Path(path), lambda p: fig.savefig(p, format="png", dpi=100))
     plt.close(fig)
 
 
