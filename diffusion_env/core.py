@@ -26,6 +26,11 @@ from diffusion_env.validation import check_device, check_float, check_int
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
+#: The environment's defaults: the built-in model, DDPO's first task, the scene training prompts.
+DEFAULT_MODEL = "shapes32"
+DEFAULT_REWARD = "jpeg_compressibility"
+DEFAULT_PROMPTS = "scenes_train"
+
 
 class EpisodeStateError(RuntimeError):
     """``step`` was called before ``reset`` or after the episode ended."""
@@ -73,16 +78,17 @@ class DenoisingCore:
 
     def __init__(
         self,
-        num_envs: int,
-        model: str | DenoiserBackend,
-        reward: str | RewardFn | Reward,
-        prompts: str | list[str] | PromptSet,
-        num_inference_steps: int,
-        eta: float | None,
-        guidance_scale: float | None,
-        device: torch.device | str | None,
-        dtype: torch.dtype | None,
-        latent_bound: float,
+        num_envs: int = 1,
+        *,
+        model: str | DenoiserBackend = DEFAULT_MODEL,
+        reward: str | RewardFn | Reward = DEFAULT_REWARD,
+        prompts: str | list[str] | PromptSet = DEFAULT_PROMPTS,
+        num_inference_steps: int = 20,
+        eta: float | None = None,
+        guidance_scale: float | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        latent_bound: float = 100.0,
         samples_per_prompt: int = 1,
         sampler: str | SamplerFactory | None = None,
         sampler_options: Mapping[str, Any] | None = None,

@@ -14,17 +14,12 @@ import torch
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from diffusion_env.backends import DenoiserBackend
-from diffusion_env.core import DenoisingCore
-from diffusion_env.prompts import PromptSet
-from diffusion_env.rewards import Reward, RewardFn
-from diffusion_env.samplers import Sampler, SamplerFactory
+from diffusion_env.core import DEFAULT_MODEL, DenoisingCore
+
+__all__ = ["DEFAULT_MODEL", "DiffusionDenoiseEnv", "DiffusionDenoiseVectorEnv"]
 
 ArrayType = Literal["numpy", "torch"]
 
-DEFAULT_MODEL = "shapes32"
-DEFAULT_REWARD = "jpeg_compressibility"
-DEFAULT_PROMPTS = "scenes_train"
 
 
 def _numpy_action(action: Any, space: gym.spaces.Box, core: DenoisingCore) -> torch.Tensor:
@@ -47,40 +42,24 @@ def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
     return np.array(tensor.detach().to(torch.float32 if tensor.is_floating_point() else tensor.dtype).cpu().numpy())
 
 
+def _core_attribute(name: str, doc: str) -> property:
+    """A read-only property that shows the core's attribute ``name``."""
+    return property(lambda view: getattr(view.core, name), doc=doc)
+
+
 class _DenoisingView:
     """What both environments expose of their MDP to policies and tools, as public properties."""
 
     core: DenoisingCore
 
-    @property
-    def backend(self) -> DenoiserBackend:
-        """The denoiser back-end (its network is what a policy fine-tunes)."""
-        return self.core.backend
-
-    @property
-    def sampler(self) -> Sampler:
-        """The per-step Gaussian policy of the back-end's scheduler (mean, sigma, log-likelihood)."""
-        return self.core.sampler
-
-    @property
-    def reward(self) -> Reward:
-        """The reward paid on the last step (a checked :class:`~diffusion_env.rewards.Reward`)."""
-        return self.core.reward
-
-    @property
-    def guidance_scale(self) -> float:
-        """The classifier-free guidance weight of the model's own policy."""
-        return self.core.guidance_scale
-
-    @property
-    def num_inference_steps(self) -> int:
-        """K, the steps of an episode."""
-        return self.core.num_steps
-
-    @property
-    def step_index(self) -> int:
-        """The step index k of the current latents (-1 before the first reset, K once the episode is over)."""
-        return self.core.step_index
+    backend = _core_attribute("backend", "The denoiser back-end (a ``DenoiserBackend``; its network is what a policy fine-tunes).")
+    sampler = _core_attribute("sampler", "The per-step Gaussian policy of the back-end's scheduler (a ``Sampler``).")
+    reward = _core_attribute("reward", "The reward paid on the last step (a checked ``Reward``).")
+    guidance_scale = _core_attribute("guidance_scale", "The classifier-free guidance weight of the model's own policy.")
+    num_inference_steps = _core_attribute("num_steps", "K, the steps of an episode.")
+    step_index = _core_attribute(
+        "step_index", "The step index k of the current latents (-1 before the first reset, K once the episode is over)."
+    )
 
     @property
     def prompts(self) -> list[str]:
@@ -172,27 +151,10 @@ class DiffusionDenoiseEnv(_DenoisingView, gym.Env):
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 4}
 
-    def __init__(
-        self,
-        model: str | DenoiserBackend = DEFAULT_MODEL,
-        reward: str | RewardFn | Reward = DEFAULT_REWARD,
-        prompts: str | list[str] | PromptSet = DEFAULT_PROMPTS,
-        num_inference_steps: int = 20,
-        eta: float | None = None,
-        guidance_scale: float | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        latent_bound: float = 100.0,
-        render_mode: str | None = None,
-        sampler: str | SamplerFactory | None = None,
-        sampler_options: dict[str, Any] | None = None,
-    ) -> None:
+    def __init__(self, render_mode: str | None = None, **options: Any) -> None:
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode={render_mode!r}; allowed: {self.metadata['render_modes']} or None")
-        self.core = DenoisingCore(
-            1, model, reward, prompts, num_inference_steps, eta, guidance_scale, device, dtype, latent_bound,
-            sampler=sampler, sampler_options=sampler_options,
-        )
+        self.core = DenoisingCore(1, **options)
         self.render_mode = render_mode
         self.observation_space = self.core.single_observation_space()
         self.action_space = self.core.single_action_space()
@@ -259,21 +221,10 @@ class DiffusionDenoiseVectorEnv(_DenoisingView, VectorEnv):
     def __init__(
         self,
         num_envs: int = 1,
-        model: str | DenoiserBackend = DEFAULT_MODEL,
-        reward: str | RewardFn | Reward = DEFAULT_REWARD,
-        prompts: str | list[str] | PromptSet = DEFAULT_PROMPTS,
-        num_inference_steps: int = 20,
-        eta: float | None = None,
-        guidance_scale: float | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        latent_bound: float = 100.0,
         render_mode: str | None = None,
         autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
         array_type: ArrayType = "numpy",
-        samples_per_prompt: int = 1,
-        sampler: str | SamplerFactory | None = None,
-        sampler_options: dict[str, Any] | None = None,
+        **options: Any,
     ) -> None:
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode={render_mode!r}; allowed: {self.metadata['render_modes']} or None")
@@ -286,21 +237,7 @@ class DiffusionDenoiseVectorEnv(_DenoisingView, VectorEnv):
             raise ValueError(f"autoreset_mode must be one of {[m.value for m in allowed_modes]}")
         if array_type not in ("numpy", "torch"):
             raise ValueError(f"array_type={array_type!r}; allowed: 'numpy' or 'torch'")
-        self.core = DenoisingCore(
-            num_envs,
-            model,
-            reward,
-            prompts,
-            num_inference_steps,
-            eta,
-            guidance_scale,
-            device,
-            dtype,
-            latent_bound,
-            samples_per_prompt,
-            sampler=sampler,
-            sampler_options=sampler_options,
-        )
+        self.core = DenoisingCore(num_envs, **options)
         self.num_envs = self.core.num_envs
         self.render_mode = render_mode
         self.array_type: ArrayType = array_type

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from diffusion_env.registry import Registry
+
 
 class PromptSet:
     """A finite set of prompts, each with a metadata dict, sampled uniformly with replacement.
@@ -67,28 +69,17 @@ class PromptSet:
 
 PromptSetFactory = Callable[[], PromptSet]
 
-_PROMPT_SETS: dict[str, PromptSetFactory] = {}
+PROMPT_SETS: Registry[PromptSetFactory] = Registry("prompt set")
 
 
 def register_prompt_set(name: str, factory: PromptSetFactory, overwrite: bool = False) -> None:
-    """Makes ``factory()`` available as ``prompts=name`` wherever a prompt set is named.
-
-    Raises:
-        ValueError: if ``name`` is taken and ``overwrite`` is False, or is empty.
-        TypeError: if ``factory`` is not callable.
-    """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"a prompt-set name must be a non-empty str, got {name!r}")
-    if not callable(factory):
-        raise TypeError(f"prompt set {name!r} must be a callable returning a PromptSet, got {type(factory).__name__}")
-    if name in _PROMPT_SETS and not overwrite:
-        raise ValueError(f"prompt set {name!r} is already registered; pass overwrite=True to replace it")
-    _PROMPT_SETS[name] = factory
+    """Makes ``factory()`` (a :class:`PromptSet`) available as ``prompts=name``."""
+    PROMPT_SETS.register(name, factory, overwrite)
 
 
 def available_prompt_sets() -> list[str]:
     """The registered prompt-set names."""
-    return sorted(_PROMPT_SETS)
+    return PROMPT_SETS.names()
 
 
 def make_prompt_set(prompts: str | Sequence[str] | PromptSet) -> PromptSet:
@@ -104,12 +95,7 @@ def make_prompt_set(prompts: str | Sequence[str] | PromptSet) -> PromptSet:
     if isinstance(prompts, PromptSet):
         return prompts
     if isinstance(prompts, str):
-        if prompts not in _PROMPT_SETS:
-            raise ValueError(
-                f"unknown prompt set {prompts!r}; allowed: {available_prompt_sets()}, a list of prompt "
-                "strings, PromptSet.from_file(path), or a PromptSet"
-            )
-        return _PROMPT_SETS[prompts]()
+        return PROMPT_SETS.get(prompts, ", a list of prompt strings, PromptSet.from_file(path), or a PromptSet")()
     if isinstance(prompts, Sequence):
         return PromptSet(prompts)
     raise TypeError(

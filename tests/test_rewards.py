@@ -52,7 +52,7 @@ def test_user_callables_and_registered_names_are_both_accepted():
         with pytest.raises(ValueError, match="already registered"):
             rewards.register_reward("test_brightness", brightness)
     finally:
-        rewards.registry._REGISTRY.pop("test_brightness")
+        rewards.registry.REWARDS.remove("test_brightness")
 
 
 def test_details_of_the_wrong_length_are_refused():
@@ -172,8 +172,7 @@ def test_factories_build_on_first_use_only():
         make_reward("test_lazy")
         assert built == [True]
     finally:
-        rewards.registry._REGISTRY.pop("test_lazy", None)
-        rewards.registry._FACTORIES.pop("test_lazy", None)
+        rewards.registry.REWARDS.remove("test_lazy")
 
 
 # ---------------------------------------------------------------- scene alignment

@@ -16,32 +16,22 @@ import torch
 
 from diffusion_env.backends.base import BackendModule, Conditioning, DenoiserBackend
 from diffusion_env.backends.pixel_unet import PROMPT_EMBEDDING, PixelUNetDenoiser, tiny_random_denoiser
+from diffusion_env.registry import Registry
 
 ModelFactory = Callable[[], DenoiserBackend]
 
-_MODELS: dict[str, ModelFactory] = {"tiny-random": tiny_random_denoiser}
+MODELS: Registry[ModelFactory] = Registry("model", {"tiny-random": tiny_random_denoiser})
 _NAMES: weakref.WeakKeyDictionary[object, str] = weakref.WeakKeyDictionary()
 
 
 def register_model(name: str, factory: ModelFactory, overwrite: bool = False) -> None:
-    """Makes ``factory()`` available as ``model=name``.
-
-    Raises:
-        ValueError: if ``name`` is taken and ``overwrite`` is False, or is empty.
-        TypeError: if ``factory`` is not callable.
-    """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"a model name must be a non-empty str, got {name!r}")
-    if not callable(factory):
-        raise TypeError(f"model {name!r} must be a callable returning a DenoiserBackend, got {type(factory).__name__}")
-    if name in _MODELS and not overwrite:
-        raise ValueError(f"model {name!r} is already registered; pass overwrite=True to replace it")
-    _MODELS[name] = factory
+    """Makes ``factory()`` (a :class:`DenoiserBackend`) available as ``model=name``."""
+    MODELS.register(name, factory, overwrite)
 
 
 def available_models() -> list[str]:
     """The registered model names."""
-    return sorted(_MODELS)
+    return MODELS.names()
 
 
 def registered_name(backend: object) -> str | None:
@@ -64,9 +54,7 @@ def make_denoiser(
         TypeError: for an object that does not implement :class:`DenoiserBackend`.
     """
     if isinstance(model, str):
-        if model not in _MODELS:
-            raise ValueError(f"unknown model {model!r}; allowed: {available_models()} or a DenoiserBackend object")
-        backend = _MODELS[model]()
+        backend = MODELS.get(model, " or a DenoiserBackend object")()
         if not isinstance(backend, DenoiserBackend):
             raise TypeError(f"the factory of model {model!r} returned {type(backend).__name__}, which does not implement DenoiserBackend")
         try:
@@ -86,6 +74,7 @@ def make_denoiser(
 
 
 __all__ = [
+    "MODELS",
     "PROMPT_EMBEDDING",
     "BackendModule",
     "Conditioning",

@@ -71,13 +71,8 @@ class PixelUNetDenoiser(BackendModule):
     def encode_prompts(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         return {PROMPT_EMBEDDING: self.prompt_encoder(prompts)}
 
-    def predict(
-        self,
-        latents: torch.Tensor,
-        timesteps: torch.Tensor,
-        conditioning: Conditioning,
-        guidance_scale: float,
-    ) -> torch.Tensor:
+    def predict(self, latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning, guidance_scale: float) -> torch.Tensor:
+        """The UNet's output; classifier-free guidance with the empty prompt as the unconditional one."""
         latents = latents.to(self.dtype)
         prompt_embeds = conditioning[PROMPT_EMBEDDING].to(self.dtype)
         if guidance_scale == 1.0:

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from diffusion_env.registry import Registry
+
 RewardOutput = Union[Any, tuple[Any, Mapping[str, Any]]]
 RewardFn = Callable[[torch.Tensor, Sequence[str], Sequence[Mapping[str, Any]]], RewardOutput]
 
@@ -99,25 +101,51 @@ def colorfulness(
     return spread + 0.3 * offset, {"colorfulness_spread": spread, "colorfulness_offset": offset}
 
 
-_REGISTRY: dict[str, RewardFn] = {
-    "jpeg_compressibility": jpeg_compressibility,
-    "jpeg_incompressibility": jpeg_incompressibility,
-    "colorfulness": colorfulness,
-}
+_COMBINATION_OPERATORS = re.compile(r"[+*]|-")
 
 
-#: Rewards built on first use, e.g. ones that load a model: importing this module loads nothing.
-_FACTORIES: dict[str, Callable[[], RewardFn]] = {}
-
-
-def _check_free_name(name: str, overwrite: bool) -> None:
-    if (name in _REGISTRY or name in _FACTORIES) and not overwrite:
-        raise ValueError(f"reward {name!r} is already registered; pass overwrite=True to replace it")
+def _check_reward_name(name: str) -> None:
     if _COMBINATION_OPERATORS.search(name):
         raise ValueError(
             f"reward name {name!r} contains '+', '-' or '*', which make_reward reads as a combination; "
             "allowed: letters, digits, '_' and '.'"
         )
+
+
+class LazyReward:
+    """A registered reward that ``factory()`` builds the first time its name is resolved.
+
+    For rewards that load models or weights, so that registering them (at import) costs nothing;
+    the built reward replaces this entry, so the model loads once per process. A factory that
+    fails leaves the entry in place, so that a later resolution tries again.
+    """
+
+    def __init__(self, factory: Callable[[], RewardFn]) -> None:
+        self.factory = factory
+
+    def build(self) -> RewardFn:
+        """The reward ``factory()`` builds (checked to be callable)."""
+        built = self.factory()
+        if not callable(built):
+            raise TypeError(f"the factory {self.factory!r} returned {type(built).__name__}; allowed: a callable reward")
+        return built
+
+    def __call__(
+        self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
+    ) -> RewardOutput:
+        return self.build()(images, prompts, metadata)
+
+
+#: The registered rewards; lazily built ones are :class:`LazyReward` entries until first use.
+REWARDS: Registry[RewardFn] = Registry(
+    "reward",
+    {
+        "jpeg_compressibility": jpeg_compressibility,
+        "jpeg_incompressibility": jpeg_incompressibility,
+        "colorfulness": colorfulness,
+    },
+    check_name=_check_reward_name,
+)
 
 
 def register_reward(name: str, fn: RewardFn, overwrite: bool = False) -> None:
@@ -127,28 +155,15 @@ def register_reward(name: str, fn: RewardFn, overwrite: bool = False) -> None:
         ValueError: if ``name`` is taken and ``overwrite`` is False, or contains ``+ - *``.
         TypeError: if ``fn`` is not callable.
     """
-    if not callable(fn):
-        raise TypeError(f"reward {name!r} must be callable, got {type(fn).__name__}")
-    _check_free_name(name, overwrite)
-    _FACTORIES.pop(name, None)
-    _REGISTRY[name] = fn
+    REWARDS.register(name, fn, overwrite)
 
 
 def register_factory(name: str, factory: Callable[[], RewardFn], overwrite: bool = False) -> None:
-    """Registers ``name`` for a reward that ``factory()`` builds the first time the name is resolved.
-
-    For rewards that load models or weights, so that registering them (at import) costs nothing;
-    the built reward is kept, so the model loads once per process.
-
-    Raises:
-        ValueError: if ``name`` is taken and ``overwrite`` is False, or contains ``+ - *``.
-        TypeError: if ``factory`` is not callable.
-    """
+    """Registers ``name`` for a reward that ``factory()`` builds the first time the name is resolved
+    (see :class:`LazyReward`); raises as :func:`register_reward`."""
     if not callable(factory):
         raise TypeError(f"factory of reward {name!r} must be callable, got {type(factory).__name__}")
-    _check_free_name(name, overwrite)
-    _REGISTRY.pop(name, None)
-    _FACTORIES[name] = factory
+    REWARDS.register(name, LazyReward(factory), overwrite)
 
 
 def _aesthetic() -> RewardFn:
@@ -161,23 +176,20 @@ def _aesthetic() -> RewardFn:
 
 def available_rewards() -> list[str]:
     """The registered reward names (built-in, registered and lazily built ones)."""
-    return sorted({*_REGISTRY, *_FACTORIES})
+    return REWARDS.names()
 
 
 def _registered(name: str) -> RewardFn:
     """The reward registered as ``name``, built now if it was registered with a factory."""
-    if name not in _REGISTRY and name in _FACTORIES:
-        fn = _FACTORIES[name]()
-        if not callable(fn):
-            raise TypeError(f"the factory of reward {name!r} returned {type(fn).__name__}; allowed: a callable")
-        _REGISTRY[name] = fn
-        del _FACTORIES[name]
-    if name not in _REGISTRY:
-        raise ValueError(
-            f"unknown reward {name!r}; allowed: {available_rewards()}, a weighted combination such as "
-            "'jpeg_compressibility+0.5*colorfulness', or a callable (images, prompts, metadata) -> rewards"
-        )
-    return _REGISTRY[name]
+    entry = REWARDS.get(
+        name,
+        ", a weighted combination such as 'jpeg_compressibility+0.5*colorfulness', or a callable "
+        "(images, prompts, metadata) -> rewards",
+    )
+    if isinstance(entry, LazyReward):
+        entry = entry.build()
+        REWARDS.register(name, entry, overwrite=True)
+    return entry
 
 
 class Reward:
@@ -240,7 +252,6 @@ def _to_host(value: Any) -> Any:
     return value.detach().float().cpu().numpy() if isinstance(value, torch.Tensor) else value
 
 
-_COMBINATION_OPERATORS = re.compile(r"[+*]|-")
 _FLOAT = r"(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
 _TERM = re.compile(
     rf"\s*(?P<sign>[+-])?\s*(?:(?P<weight>{_FLOAT})\s*\*\s*)?(?P<name>[A-Za-z_][A-Za-z0-9_.]*)\s*"
@@ -338,7 +349,7 @@ def make_reward(reward: str | RewardFn | Reward | Sequence[RewardTerm]) -> Rewar
     if isinstance(reward, Reward):
         return reward
     if isinstance(reward, str):
-        if reward not in _REGISTRY and reward not in _FACTORIES and _COMBINATION_OPERATORS.search(reward):
+        if reward not in REWARDS and _COMBINATION_OPERATORS.search(reward):
             return Reward(CombinedReward(parse_combination(reward)), name=reward.replace(" ", ""))
         return Reward(_registered(reward), name=reward)
     if callable(reward):

@@ -17,27 +17,19 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from diffusion_env.samplers.base import GaussianSampler, Sampler, ScheduleError
+from diffusion_env.registry import Registry
 from diffusion_env.samplers.ddim_ddpm import GaussianTransition
 
 #: ``factory(scheduler, num_inference_steps, device=..., **options) -> Sampler``.
 SamplerFactory = Callable[..., Sampler]
 
-_BY_NAME: dict[str, SamplerFactory] = {"ddim_ddpm": GaussianTransition}
+SAMPLERS: Registry[SamplerFactory] = Registry("sampler", {"ddim_ddpm": GaussianTransition})
 _BY_SCHEDULER: dict[type, SamplerFactory] = {DDIMScheduler: GaussianTransition, DDPMScheduler: GaussianTransition}
 
 
 def register_sampler(name: str, factory: SamplerFactory, overwrite: bool = False) -> None:
-    """Makes ``factory`` available as ``sampler=name`` (e.g. ``gym.make(..., sampler=name)``).
-
-    Raises:
-        ValueError: if ``name`` is taken and ``overwrite`` is False.
-        TypeError: if ``factory`` is not callable.
-    """
-    if not callable(factory):
-        raise TypeError(f"sampler {name!r} must be callable, got {type(factory).__name__}")
-    if name in _BY_NAME and not overwrite:
-        raise ValueError(f"sampler {name!r} is already registered; pass overwrite=True to replace it")
-    _BY_NAME[name] = factory
+    """Makes ``factory`` available as ``sampler=name`` (e.g. ``gym.make(..., sampler=name)``)."""
+    SAMPLERS.register(name, factory, overwrite)
 
 
 def register_scheduler_sampler(scheduler_type: type, factory: SamplerFactory, overwrite: bool = False) -> None:
@@ -51,7 +43,7 @@ def register_scheduler_sampler(scheduler_type: type, factory: SamplerFactory, ov
 
 def available_samplers() -> list[str]:
     """The registered sampler names."""
-    return sorted(_BY_NAME)
+    return SAMPLERS.names()
 
 
 def make_sampler(
@@ -82,9 +74,7 @@ def make_sampler(
                 "or a factory"
             )
     elif isinstance(sampler, str):
-        if sampler not in _BY_NAME:
-            raise ValueError(f"unknown sampler {sampler!r}; allowed: {available_samplers()} or a factory")
-        factory = _BY_NAME[sampler]
+        factory = SAMPLERS.get(sampler, " or a factory")
     elif callable(sampler):
         factory = sampler
     else:
@@ -96,6 +86,7 @@ def make_sampler(
 
 
 __all__ = [
+    "SAMPLERS",
     "GaussianSampler",
     "GaussianTransition",
     "Sampler",
