@@ -6,17 +6,20 @@ episodes as one batch on the device. (The single environment needs no adapter: S
 ``DummyVecEnv([lambda: gym.make("DiffusionDenoise-v0")])`` accepts it as it is.)
 
 :class:`DiffusionActorCriticPolicy` is an SB3 actor-critic whose actor is the denoiser's own
-Gaussian transition, so that SB3's PPO or A2C fine-tunes the diffusion model:
+Gaussian transition, built from a registered model name, so that SB3's PPO or A2C fine-tunes the
+diffusion model and ``save``/``load`` work as for any SB3 policy:
 
-    policy = GaussianDenoisingPolicy.from_env(envs)
-    PPO(DiffusionActorCriticPolicy, SB3VecEnvAdapter(envs), ent_coef=0.0,
-        policy_kwargs={"denoising_policy": policy})
+    envs = gym.make_vec("DiffusionDenoise-v0", num_envs=8, autoreset_mode=AutoresetMode.SAME_STEP)
+    model = PPO(DiffusionActorCriticPolicy, SB3VecEnvAdapter(envs), ent_coef=0.0)
+    model.learn(1_600)
+    model.save("ppo_diffusion")
+    model = PPO.load("ppo_diffusion", env=SB3VecEnvAdapter(envs))
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import gymnasium as gym
@@ -30,10 +33,15 @@ from stable_baselines3.common.vec_env.base_vec_env import (
     VecEnvObs,
     VecEnvStepReturn,
 )
+from stable_baselines3.common.type_aliases import Schedule
 from torch import nn
 
 from agents.policy import GaussianDenoisingPolicy
-from diffusion_env.envs import DiffusionDenoiseVectorEnv
+from agents.step_window import StepWindow
+from diffusion_env.backends import DenoiserBackend, available_models, make_denoiser
+from diffusion_env.envs import DEFAULT_MODEL, DiffusionDenoiseVectorEnv
+from diffusion_env.samplers import Sampler, make_sampler
+from diffusion_env.validation import check_float, check_int
 
 
 class SB3VecEnvAdapter(VecEnv):
@@ -116,103 +124,227 @@ class SB3VecEnvAdapter(VecEnv):
 class DiffusionActorCriticPolicy(ActorCriticPolicy):
     """An SB3 ``ActorCriticPolicy`` whose action distribution is the denoiser's Gaussian transition.
 
-    The actor is a :class:`~agents.policy.GaussianDenoisingPolicy` (mean from the UNet, with
-    classifier-free guidance and any LoRA adapters it carries; sigma_t from the scheduler), so the
-    log-likelihoods SB3 stores and recomputes are the exact ones ``agents`` computes. The critic is
-    a small MLP on the timestep, the mean-pooled prompt embedding and the latent average-pooled to
-    4x4.
+    ``PPO(DiffusionActorCriticPolicy, env)`` fine-tunes the built-in model on the default
+    environment; for another environment, name the same model and sampler settings in
+    ``policy_kwargs`` (``model``, ``num_inference_steps``, ``eta``, ``guidance_scale``). The policy
+    builds its own copy of the model from the registered name (``make_denoiser(model)``) and
+    its sampler (``make_sampler(backend.scheduler, num_inference_steps, eta=eta)``), so that
+    everything SB3 saves is a plain value: ``model.save(path)`` stores these settings in the
+    zip's ``data`` and the network's weights (the UNet, any LoRA adapters, the critic) in the
+    policy's state dict, and ``PPO.load(path, env=env)`` rebuilds the same policy. A model that
+    is not registered is not accepted; register it with
+    :func:`diffusion_env.backends.register_model` first.
+
+    The actor is a :class:`~agents.policy.GaussianDenoisingPolicy` (``policy.actor``: mean from
+    the network, with classifier-free guidance and any LoRA adapters; sigma_t from the sampler),
+    so the log-likelihoods SB3 stores and recomputes are the sampler's exact ones. The critic is a
+    small MLP on the timestep, each conditioning entry mean-pooled over its tokens and the latent
+    average-pooled to 4x4.
 
     SB3 defaults that do not fit a 3,072- to 16,384-dimensional Gaussian over the next latent are
     handled here: there is no state-independent ``log_std`` parameter (sigma_t is the sampler's);
     orthogonal re-initialisation is off (it would overwrite the pretrained UNet); the entropy,
-    D/2 (1 + log 2 pi) + D log sigma_t, does not depend on the parameters, so an entropy bonus
-    only shifts the loss (use ``ent_coef=0``); SB3 clips actions to the action box before stepping,
-    whose bound (``latent_bound``, 100) leaves the sampler's actions untouched.
+    D/2 (1 + log 2 pi) + D log sigma_t (0 at deterministic steps, which have no density), does
+    not depend on the parameters, so an entropy bonus only shifts the loss (use ``ent_coef=0``);
+    SB3 clips actions to the action box before stepping, whose bound (``latent_bound``, 100)
+    leaves the sampler's actions untouched.
 
     PPO's clip on the exact ratio exp(log p - log p_old) of a D-dimensional Gaussian is very
     tight: a few optimiser steps move log p by nats, far beyond ``clip_range=0.2``.
-    ``per_dimension_ratio=True`` makes the log-likelihoods SB3 stores and recomputes log p / D,
-    so that SB3's ratio is DDPO's per-dimension ratio exp((log p - log p_old) / D) and
-    ``clip_range`` means what DDPO's clip range means (1e-4 in DDPO on Stable Diffusion, 1e-3 in
-    this project's configs for the built-in model). The gradient's direction is unchanged; the
-    entropy is divided by D as well.
+    ``per_dimension_ratio=True`` makes the log-likelihoods SB3 stores and recomputes the
+    sampler's ``log_prob_per_dimension``, log p / D, so that SB3's ratio is DDPO's per-dimension
+    ratio exp((log p - log p_old) / D) and ``clip_range`` means what DDPO's clip range means
+    (1e-4 in DDPO on Stable Diffusion, 1e-3 in this project's configs for the built-in model).
+    The gradient's direction is unchanged; the entropy is divided by D as well.
 
-    ``min_sigma`` keeps the steps with sigma_t below it out of training, as ``DDPOConfig.min_sigma``
-    does: their recomputed log-likelihoods are detached, so their ratio is 1 and they add no
-    gradient. On the built-in model the step to t = 1 (sigma 0.015) alone gives two thirds of the
-    policy gradient's norm (``benchmarks/gradient_by_step.py``), which is pixel-level texture
-    rather than the prompted scene.
+    ``min_sigma`` and ``max_sigma`` pick the trained steps with :class:`~agents.step_window.StepWindow`,
+    as ``DDPOConfig`` does: outside the window the recomputed log-likelihoods are detached, so
+    their ratio is 1 and they add no gradient. On the built-in model the step to t = 1
+    (sigma 0.015) alone gives two thirds of the policy gradient's norm
+    (``benchmarks/gradient_by_step.py``), which is pixel-level texture rather than the prompted
+    scene.
 
     Adam's ``eps`` is 1e-8 (PyTorch's default) unless ``optimizer_kwargs`` says otherwise: SB3
     sets 1e-5 for its policies, and the gradients of the per-dimension log-likelihood are smaller
     than that (median |g| about 1e-7 on the built-in model's UNet), so with SB3's value Adam's
     steps shrink to a fraction of the learning rate and the UNet hardly moves.
 
+    The policy checks the observation space against its model when it is built (latent shape,
+    conditioning entries, the scheduler's timestep range) and every observation's timestep
+    against its schedule, raising a ``ValueError`` that names ``num_inference_steps``. A policy
+    whose schedule holds every timestep of the environment's (20 steps against an environment of
+    4, 5 or 10, whose timesteps are a subset) cannot be told apart from observations: give the
+    environment's ``num_inference_steps`` and ``eta``.
+
     Args:
-        denoising_policy: the actor, e.g. ``GaussianDenoisingPolicy.from_env(envs)``.
+        model: a registered model name (:func:`diffusion_env.backends.available_models`); default
+            ``"shapes32"``, the environment's default.
+        num_inference_steps: K, as the environment's (default 20, the environment's default).
+        eta: the sampler's eta, as the environment's (None: the sampler's default, as the environment's).
+        guidance_scale: classifier-free guidance weight (None: the model's default, as the environment's).
+        lora_rank: 0 fine-tunes the whole network; r >= 1 freezes it and trains rank-r LoRA
+            adapters (:meth:`~agents.policy.GaussianDenoisingPolicy.add_lora`).
+        lora_seed: seeds the adapters' initialisation.
         value_hidden: width of the critic's hidden layers.
         per_dimension_ratio: report log p / D instead of log p (see above).
-        min_sigma: steps with sigma_t below this are not trained on (see above); 0 trains on all.
+        min_sigma, max_sigma: the window of sigma_t trained on (see above); 0 and inf train on all.
         other arguments: as ``ActorCriticPolicy`` (``net_arch``, ``log_std_init``, ``use_sde``
             and the feature extractor are not used).
     """
 
     def __init__(
         self,
-        observation_space: gym.spaces.Space,
-        action_space: gym.spaces.Space,
-        lr_schedule: Any,
-        denoising_policy: GaussianDenoisingPolicy,
+        observation_space: gym.spaces.Dict,
+        action_space: gym.spaces.Box,
+        lr_schedule: Schedule,
+        model: str = DEFAULT_MODEL,
+        num_inference_steps: int = 20,
+        eta: float | None = None,
+        guidance_scale: float | None = None,
+        lora_rank: int = 0,
+        lora_seed: int = 0,
         value_hidden: int = 64,
         per_dimension_ratio: bool = False,
         min_sigma: float = 0.0,
+        max_sigma: float = math.inf,
         **kwargs: Any,
     ) -> None:
-        if not isinstance(denoising_policy, GaussianDenoisingPolicy):
-            raise TypeError(f"denoising_policy must be a GaussianDenoisingPolicy, got {type(denoising_policy).__name__}")
-        largest_sigma = float(denoising_policy.sampler.sigma.max())
-        if not 0.0 <= min_sigma <= largest_sigma:
-            raise ValueError(
-                f"min_sigma={min_sigma} would train on no step (largest sigma_t {largest_sigma:.4g}); "
-                f"allowed: 0 <= min_sigma <= {largest_sigma:.4g}"
+        if "denoising_policy" in kwargs:
+            raise TypeError(
+                "denoising_policy is not accepted (SB3 would pickle the whole model into the saved zip); "
+                "allowed: the model's registered name and sampler settings, e.g. policy_kwargs={'model': "
+                "registered_name(env.unwrapped.backend), 'num_inference_steps': env.unwrapped.num_inference_steps}"
             )
+        if not isinstance(model, str) or model not in available_models():
+            raise ValueError(f"model={model!r}; allowed: a registered model name, one of {available_models()}")
         if kwargs.get("use_sde"):
             raise ValueError("use_sde=True replaces the sampler's noise; allowed: use_sde=False")
-        # ActorCriticPolicy.__init__ ends by calling _build; these reach it before nn.Module's
-        # own attribute handling is ready, hence the plain object attributes.
-        object.__setattr__(self, "_pending_actor", denoising_policy)
-        object.__setattr__(self, "_pending_value_hidden", value_hidden)
-        object.__setattr__(self, "_pending_per_dimension_ratio", bool(per_dimension_ratio))
-        object.__setattr__(self, "_pending_min_sigma", float(min_sigma))
+        # Plain values only (ActorCriticPolicy.__init__ ends by calling _build, which reads them):
+        # they are what SB3 saves to rebuild the policy.
+        self.model = model
+        self.num_inference_steps = check_int("num_inference_steps", num_inference_steps, 1)
+        self.eta = None if eta is None else check_float("eta", eta)
+        self.guidance_scale = None if guidance_scale is None else check_float("guidance_scale", guidance_scale, 0.0)
+        self.lora_rank = check_int("lora_rank", lora_rank, 0)
+        self.lora_seed = check_int("lora_seed", lora_seed)
+        self.value_hidden = check_int("value_hidden", value_hidden, 1)
+        self.per_dimension_ratio = bool(per_dimension_ratio)
+        self.step_window = StepWindow(min_sigma, max_sigma)
         kwargs["ortho_init"] = False
         if kwargs.get("optimizer_kwargs") is None:
             kwargs["optimizer_kwargs"] = {"eps": 1e-8}
         super().__init__(observation_space, action_space, lr_schedule, **kwargs)
 
-    def _build(self, lr_schedule: Any) -> None:
-        self.actor = self.__dict__.pop("_pending_actor")
-        hidden = self.__dict__.pop("_pending_value_hidden")
-        num_dims = math.prod(self.action_space.shape)
-        self.log_prob_scale = 1.0 / num_dims if self.__dict__.pop("_pending_per_dimension_ratio") else 1.0
-        self.min_sigma = self.__dict__.pop("_pending_min_sigma")
-        channels = self.observation_space["latent"].shape[0]
-        embedding_dim = self.observation_space["prompt_embedding"].shape[-1]
-        self.num_train_timesteps = float(self.observation_space["timestep"].high[0] + 1)
+    def _make_sampler(self, backend: DenoiserBackend) -> Sampler:
+        """The sampler of ``backend``'s scheduler with this policy's settings, on the back-end's device."""
+        options = {} if self.eta is None else {"eta": self.eta}
+        return make_sampler(backend.scheduler, self.num_inference_steps, device=backend.device, **options)
+
+    def _build(self, lr_schedule: Schedule) -> None:
+        backend = make_denoiser(self.model)
+        if not isinstance(backend, nn.Module):
+            raise TypeError(
+                f"model {self.model!r} builds a {type(backend).__name__}, which is not a torch.nn.Module; "
+                "allowed: a back-end that is one (e.g. a BackendModule), so that SB3 can move and save its weights"
+            )
+        sampler = self._make_sampler(backend)
+        self._check_observation_space(backend, sampler)
+        self.step_window.steps(sampler)  # raises if the window holds no step
+        guidance_scale = backend.default_guidance_scale if self.guidance_scale is None else self.guidance_scale
+        self.actor = GaussianDenoisingPolicy(backend, sampler, guidance_scale)
+        if self.lora_rank > 0:
+            self.actor.add_lora(self.lora_rank, seed=self.lora_seed)
+        latent_channels = backend.latent_shape[0]
+        conditioning_width = sum(shape[-1] if shape else 1 for shape in backend.conditioning_shapes.values())
         self.value_net = nn.Sequential(
-            nn.Linear(1 + embedding_dim + channels * 16, hidden),
+            nn.Linear(1 + conditioning_width + latent_channels * 16, self.value_hidden),
             nn.SiLU(),
-            nn.Linear(hidden, hidden),
+            nn.Linear(self.value_hidden, self.value_hidden),
             nn.SiLU(),
-            nn.Linear(hidden, 1),
+            nn.Linear(self.value_hidden, 1),
         )
         trainable = [p for p in self.parameters() if p.requires_grad]
         self.optimizer = self.optimizer_class(trainable, lr=lr_schedule(1), **self.optimizer_kwargs)
 
+    def _check_observation_space(self, backend: DenoiserBackend, sampler: Sampler) -> None:
+        """Raises ``ValueError`` unless the environment's observations are ones of this policy's model."""
+        expected = {"latent": tuple(backend.latent_shape), "timestep": (1,)}
+        expected.update({key: tuple(shape) for key, shape in backend.conditioning_shapes.items()})
+        space = self.observation_space
+        found = {key: tuple(entry.shape) for key, entry in space.spaces.items()} if isinstance(space, gym.spaces.Dict) else {}
+        problem = None
+        if found != expected:
+            problem = f"the observation space holds {found}, model {self.model!r} observes {expected}"
+        elif float(space["timestep"].high[0]) != float(sampler.max_timestep):
+            problem = (
+                f"the environment's timesteps reach {float(space['timestep'].high[0]):g}, model "
+                f"{self.model!r}'s scheduler {float(sampler.max_timestep):g}"
+            )
+        if problem is not None:
+            raise ValueError(
+                f"{problem}; allowed: the environment's model, policy_kwargs={{'model': <its registered name>}} "
+                f"(registered: {available_models()})"
+            )
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], *args: Any, **kwargs: Any) -> DiffusionActorCriticPolicy:
+        # SB3 builds the policy on the CPU and then moves it (``.to(device)``): the sampler's
+        # tables, which are not module state, follow the network.
+        super()._apply(fn, *args, **kwargs)
+        actor = self._modules.get("actor")
+        if actor is not None and actor.sampler.timesteps.device != actor.device:
+            actor.sampler = self._make_sampler(actor.backend)
+        return self
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        data = super()._get_constructor_parameters()
+        data.update(
+            model=self.model,
+            num_inference_steps=self.num_inference_steps,
+            eta=self.eta,
+            guidance_scale=self.guidance_scale,
+            lora_rank=self.lora_rank,
+            lora_seed=self.lora_seed,
+            value_hidden=self.value_hidden,
+            per_dimension_ratio=self.per_dimension_ratio,
+            min_sigma=self.step_window.min_sigma,
+            max_sigma=self.step_window.max_sigma,
+        )
+        return data
+
+    def _transition(self, obs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The actor's mean ``(B, C, H, W)`` and the step indices ``(B,)`` of a batch of observations.
+
+        Raises:
+            ValueError: if a timestep is not a step of this policy's schedule.
+        """
+        sampler = self.actor.sampler
+        try:
+            step_index = sampler.step_index_of(obs["timestep"])
+        except ValueError as error:
+            raise ValueError(
+                f"the observation is not one of this policy's schedule (model {self.model!r}, "
+                f"num_inference_steps={self.num_inference_steps}, eta={self.eta}): {error}; allowed: the "
+                "environment's settings, policy_kwargs={'num_inference_steps': env.unwrapped.num_inference_steps, ...}"
+            ) from error
+        return self.actor.mean(obs), step_index
+
+    def _log_prob(self, actions: torch.Tensor, mean: torch.Tensor, step_index: torch.Tensor) -> torch.Tensor:
+        """What SB3 stores and recomputes: the sampler's log p, or log p / D with ``per_dimension_ratio``."""
+        sampler = self.actor.sampler
+        log_prob = sampler.log_prob_per_dimension if self.per_dimension_ratio else sampler.log_prob
+        return log_prob(actions.reshape(mean.shape), mean, step_index)
+
     def predict_values(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        batch = obs["latent"].shape[0]
+        # Each conditioning entry (B, *shape) mean-pooled to (B, shape[-1]), e.g. over its tokens.
+        conditioning = [
+            obs[key].float().reshape(batch, -1, shape[-1] if shape else 1).mean(dim=1)
+            for key, shape in self.actor.backend.conditioning_shapes.items()
+        ]
         features = torch.cat(
             [
-                obs["timestep"].reshape(-1, 1).float() / self.num_train_timesteps,
-                obs["prompt_embedding"].float().mean(dim=1),
+                obs["timestep"].reshape(-1, 1).float() / (self.actor.sampler.max_timestep + 1.0),
+                *conditioning,
                 nn.functional.adaptive_avg_pool2d(obs["latent"].float(), 4).flatten(1),
             ],
             dim=1,
@@ -222,22 +354,30 @@ class DiffusionActorCriticPolicy(ActorCriticPolicy):
     def forward(
         self, obs: dict[str, torch.Tensor], deterministic: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mean, step_index = self._transition(obs)
         if deterministic:
-            actions = self.actor.mean(obs)
-            log_prob = self.actor.log_prob(obs, actions)
+            actions = mean
         else:
-            actions, log_prob = self.actor.sample_with_log_prob(obs)
-        return actions.float(), self.predict_values(obs), log_prob * self.log_prob_scale
+            # torch's global generator, which SB3's ``seed`` seeds.
+            actions = self.actor.sampler.sample(mean, step_index, torch.randn_like(mean))
+        return actions.float(), self.predict_values(obs), self._log_prob(actions, mean, step_index)
 
     def evaluate_actions(
         self, obs: dict[str, torch.Tensor], actions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        log_prob = self.actor.log_prob(obs, actions)
-        sigma = self.actor.std(obs)
-        log_prob = torch.where(sigma >= self.min_sigma, log_prob, log_prob.detach())
-        num_dims = actions[0].numel()
-        entropy = num_dims * (0.5 * (1.0 + math.log(2.0 * math.pi)) + torch.log(sigma))
-        return self.predict_values(obs), log_prob * self.log_prob_scale, entropy * self.log_prob_scale
+        mean, step_index = self._transition(obs)
+        log_prob = self._log_prob(actions, mean, step_index)
+        trained = self.step_window.contains(self.actor.sampler, step_index)
+        log_prob = torch.where(trained, log_prob, log_prob.detach())
+        sampler = self.actor.sampler
+        index = step_index.to(sampler.sigma.device)
+        sigma, stochastic = sampler.sigma[index].to(log_prob.device), sampler.stochastic[index].to(log_prob.device)
+        # Per latent dimension (0 at deterministic steps); times D unless SB3 sees log p / D.
+        entropy = 0.5 * (1.0 + math.log(2.0 * math.pi)) + torch.log(torch.where(stochastic, sigma, 1.0))
+        entropy = torch.where(stochastic, entropy, 0.0).to(log_prob.dtype)
+        if not self.per_dimension_ratio:
+            entropy = entropy * mean[0].numel()
+        return self.predict_values(obs), log_prob, entropy
 
     def _predict(self, observation: dict[str, torch.Tensor], deterministic: bool = False) -> torch.Tensor:
         return self.forward(observation, deterministic)[0]

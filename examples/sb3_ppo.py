@@ -2,8 +2,9 @@
 
     python examples/sb3_ppo.py --rollouts 160 --output-dir runs/sb3_ppo
 
-The denoiser's Gaussian transition is SB3's action distribution (``DiffusionActorCriticPolicy``);
-SB3 runs its own PPO on it: N episodes of K steps per rollout (one reward query per episode,
+The denoiser's Gaussian transition is SB3's action distribution (``DiffusionActorCriticPolicy``,
+built from the model's registered name and the environment's number of steps); SB3 runs its own
+PPO on it: N episodes of K steps per rollout (one reward query per episode,
 paid at the last step; by default all N of one prompt, see ``--samples-per-prompt``), GAE with
 gamma = lambda = 1 (so an advantage is the final reward minus the critic's estimate), the
 clipped objective on DDPO's per-dimension ratio (clip 1e-3, as the DDPO-IS configs;
@@ -12,7 +13,8 @@ UNet (whole, or LoRA adapters with ``--lora-rank``) and on the critic, the steps
 below ``--min-sigma`` left out. The per-rollout mean reward is written to ``history.json`` (as
 ``agents.train`` names it), which ``benchmarks/learning.py --compare`` plots next to DDPO-IS per
 reward query (and evaluates against the pretrained model), the UNet's trained weights to
-``actor.safetensors`` and the arguments to ``args.json``.
+``actor.safetensors``, the whole SB3 model to ``ppo.zip`` (``PPO.load(path, env=...)`` resumes
+it) and the arguments to ``args.json``.
 
 Measured with the defaults (README, "Stable-Baselines3"): 160 rollouts in 18 minutes on a
 2-core CPU take the mean JPEG size from 1.173 to 0.871 kB (-26 %) with the prompted background
@@ -34,8 +36,9 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
 
 import diffusion_env  # noqa: F401  (registers DiffusionDenoise-v0)
-from agents import GaussianDenoisingPolicy
 from agents.sb3 import DiffusionActorCriticPolicy, SB3VecEnvAdapter
+from diffusion_env.backends import available_models
+from diffusion_env.envs import DEFAULT_MODEL
 
 
 class RewardHistory(BaseCallback):
@@ -82,7 +85,9 @@ def main() -> None:
         help="episodes of each prompt per rollout; with num-envs, every rollout is one prompt, so that SB3's "
         "per-minibatch advantage normalisation compares samples of one prompt (DDPO's per-prompt statistics)",
     )
-    parser.add_argument("--model", default=None, help="registered model name (default: the env's built-in model)")
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL, choices=available_models(), help="registered model name (default: the built-in model)"
+    )
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument(
         "--lora-rank", type=int, default=0,
@@ -109,19 +114,15 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    model_kwargs = {} if args.model is None else {"model": args.model}
     envs = gym.make_vec(
         "DiffusionDenoise-v0",
         num_envs=args.num_envs,
+        model=args.model,
         reward=args.reward,
         num_inference_steps=args.num_inference_steps,
         autoreset_mode=AutoresetMode.SAME_STEP,
         samples_per_prompt=args.samples_per_prompt,
-        **model_kwargs,
     )
-    actor = GaussianDenoisingPolicy.from_env(envs)
-    if args.lora_rank > 0:
-        actor.add_lora(args.lora_rank)
     model = PPO(
         DiffusionActorCriticPolicy,
         SB3VecEnvAdapter(envs),
@@ -137,7 +138,9 @@ def main() -> None:
         seed=args.seed,
         device=args.device,
         policy_kwargs={
-            "denoising_policy": actor,
+            "model": args.model,
+            "num_inference_steps": args.num_inference_steps,
+            "lora_rank": args.lora_rank,
             "per_dimension_ratio": not args.exact_ratio,
             "min_sigma": args.min_sigma,
         },
@@ -148,8 +151,10 @@ def main() -> None:
         args.output_dir.mkdir(parents=True, exist_ok=True)
         (args.output_dir / "history.json").write_text(json.dumps(history.history, indent=2))
         (args.output_dir / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
+        actor = model.policy.actor
         trained = {name: p.detach().cpu().contiguous() for name, p in actor.named_parameters() if p.requires_grad}
         save_file(trained, args.output_dir / "actor.safetensors")
+        model.save(args.output_dir / "ppo.zip")
     first, last = history.history[0]["charts/reward_mean"], history.history[-1]["charts/reward_mean"]
     print(f"mean reward: first rollout {first:.4f}, last rollout {last:.4f}")
 
