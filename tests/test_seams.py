@@ -202,3 +202,30 @@ def test_the_numpy_observation_keys_follow_the_declared_conditioning():
     obs, _ = env.reset(seed=0)
     assert env.observation_space.contains(obs)
     np.testing.assert_allclose(obs["pooled_prompt"], obs[PROMPT_EMBEDDING].mean(axis=0), rtol=1e-6, atol=1e-6)
+
+
+class QuarterStepDDIM(WindowedDDIM):
+    """The windowed DDIM above, with the network conditioned on non-integer timesteps t + 0.25, as
+    flow-matching schedulers condition on float sigmas: nothing may round them."""
+
+    def __init__(self, scheduler, num_inference_steps, device="cpu"):
+        super().__init__(scheduler, num_inference_steps, device, window=(0, num_inference_steps))
+        self._set_tables(self.timesteps.to(torch.float64) + 0.25, self.sigma, self.stochastic, device)
+
+
+def test_float_timesteps_reach_the_network_and_the_trajectories_unrounded():
+    envs = gym.make_vec(
+        "DiffusionDenoise-v0", num_envs=2, model="tiny-random", prompts=["a red circle"], num_inference_steps=NUM_STEPS,
+        sampler=QuarterStepDDIM, array_type="torch",
+    )
+    policy = GaussianDenoisingPolicy.from_env(envs, seed=0)
+    trajectories = collect_trajectories(envs, policy, seed=0)
+    assert torch.all(trajectories.timesteps.frac() == 0.25)
+    seen = []
+    predict = envs.unwrapped.backend.predict
+    envs.unwrapped.backend.predict = lambda latents, timesteps, *rest: seen.append(timesteps) or predict(latents, timesteps, *rest)
+    samples, steps = torch.tensor([0, 1, 0]), torch.tensor([0, 1, 3])
+    with torch.no_grad():
+        recomputed = policy.log_prob(trajectories.observations(samples, steps), trajectories.actions(samples, steps))
+    torch.testing.assert_close(recomputed, trajectories.log_probs[samples, steps])
+    assert torch.all(seen[0].frac() == 0.25)
