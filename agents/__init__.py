@@ -1,10 +1,19 @@
 """Agents for the DiffusionDenoise environment: the Gaussian denoising policy and DDPO-family algorithms."""
 
 from agents.advantages import PerPromptStatTracker, batch_normalized_advantages, clip_advantages
-from agents.ddpo import DDPOConfig, NonFiniteError, ddpo_update
+from agents.algorithms import (
+    NonFiniteError,
+    UpdateContext,
+    available_algorithms,
+    get_algorithm,
+    make_reference,
+    register_algorithm,
+)
+from agents.algorithms.ddpo import DDPOConfig, ddpo_update
+from agents.algorithms.rwr import RWRConfig, rwr_update
 from agents.policy import GaussianDenoisingPolicy
 from agents.rollouts import Trajectories, collect_trajectories
-from agents.rwr import RWRConfig, rwr_update
+from agents.step_window import StepWindow
 
 __all__ = [
     "DDPOConfig",
@@ -12,10 +21,16 @@ __all__ = [
     "NonFiniteError",
     "PerPromptStatTracker",
     "RWRConfig",
+    "StepWindow",
     "Trajectories",
+    "UpdateContext",
+    "available_algorithms",
     "batch_normalized_advantages",
     "clip_advantages",
     "collect_trajectories",
     "ddpo_update",
+    "get_algorithm",
+    "make_reference",
+    "register_algorithm",
     "rwr_update",
 ]

@@ -1,179 +1,124 @@
 """Fine-tune a diffusion model on a reward through the DiffusionDenoise environment.
 
     python -m agents.train --config agents/configs/compressibility.toml --output-dir runs/compress
-    python -m agents.train --config ... --output-dir runs/compress --resume
-    python -m agents.train --algorithm ddpo-sf --reward jpeg_incompressibility --epochs 5 ...
+    python -m agents.train --output-dir runs/compress --resume
+    python -m agents.train --algorithm ddpo-sf --reward jpeg_incompressibility --epochs 5 --output-dir runs/sf
 
 Each epoch collects ``batches_per_epoch`` batches of ``num_envs`` trajectories with the current
-policy, turns rewards into advantages (per-prompt statistics by default), and trains with
-DDPO-IS, DDPO-SF or RWR. It logs to TensorBoard (``charts/...``, ``losses/...``, and with
-``--monitor`` a second reward scored on the same images but not trained on), saves a grid of
-the epoch's samples with their prompts and rewards, checkpoints atomically (a killed run never
-leaves a broken checkpoint), resumes exactly with ``--resume``, and plots the reward curve.
+policy, turns rewards into advantages (per-prompt statistics by default) and trains with a
+registered algorithm (:mod:`agents.algorithms`: DDPO-IS, DDPO-SF, RWR). It logs to TensorBoard
+(``charts/...``, ``losses/...``, and with ``--monitor`` a second reward scored on the same images
+but not trained on), saves a grid of the epoch's samples with their prompts and rewards,
+checkpoints atomically (:mod:`diffusion_env.checkpoints`), and plots the reward curve.
+
+``--resume`` continues the run in ``--output-dir`` exactly: its saved config is the default, and
+a setting given on the command line that differs from the saved one is refused, except
+``epochs``, ``checkpoint_every`` and ``keep_checkpoints``. A folder that holds a run is not
+written into without ``--resume`` or ``--overwrite``.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import dataclasses
 import json
 import math
-import os
 import shutil
+import sys
 import time
-import tomllib
-from dataclasses import dataclass, field
+import warnings
 from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import diffusion_env  # noqa: F401  (registers DiffusionDenoise-v0)
 from agents.advantages import PerPromptStatTracker, batch_normalized_advantages, clip_advantages
-from agents.ddpo import DDPOConfig, NonFiniteError, ddpo_update
+from agents.algorithms import NonFiniteError, UpdateContext, get_algorithm, make_reference
+from agents.config import (
+    ConfigError,
+    TrainConfig,
+    add_flags,
+    merge_tables,
+    read_config_file,
+    tables_from_flags,
+)
 from agents.policy import GaussianDenoisingPolicy
 from agents.rollouts import Trajectories, collect_trajectories
-from agents.rwr import RWRConfig, rwr_update
+from diffusion_env import checkpoints
+from diffusion_env.prompts import PromptSet
 from diffusion_env.rewards import make_reward
+from diffusion_env.validation import check_device
 
-ALGORITHMS = ("ddpo-is", "ddpo-sf", "rwr")
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run depends on; saved beside its checkpoints. Field docs double as ``--help``."""
-
-    algorithm: str = field(default="ddpo-is", metadata={"help": f"one of {ALGORITHMS}"})
-    reward: str = field(default="jpeg_compressibility", metadata={"help": "registered reward name"})
-    prompts: str = field(default="scenes_train", metadata={"help": "registered prompt-set name"})
-    model: str | None = field(default=None, metadata={"help": "registered model name (default: the env's)"})
-    epochs: int = field(default=10, metadata={"help": "training epochs"})
-    num_envs: int = field(default=16, metadata={"help": "trajectories sampled per batch"})
-    batches_per_epoch: int = field(default=4, metadata={"help": "batches sampled per epoch"})
-    samples_per_prompt: int = field(default=1, metadata={"help": "samples of each prompt in a batch (divides num_envs)"})
-    num_inference_steps: int = field(default=20, metadata={"help": "denoising steps per trajectory"})
-    eta: float = field(default=1.0, metadata={"help": "DDIM eta in (0, 1]"})
-    guidance_scale: float | None = field(default=None, metadata={"help": "classifier-free guidance (default: model's)"})
-    learning_rate: float = field(default=3e-4, metadata={"help": "AdamW learning rate"})
-    lora_rank: int = field(default=4, metadata={"help": "LoRA rank through peft; 0 fine-tunes the whole UNet"})
-    per_prompt_advantages: bool = field(default=True, metadata={"help": "per-prompt reward statistics (else batch)"})
-    tracker_buffer_size: int = field(default=32, metadata={"help": "rewards kept per prompt"})
-    tracker_min_count: int = field(default=16, metadata={"help": "below this, batch statistics are used"})
-    advantage_clip: float = field(default=5.0, metadata={"help": "advantages are clipped to +-this"})
-    clip_range: float = field(default=1e-4, metadata={"help": "DDPO-IS clip range"})
-    per_dimension_ratio: bool = field(default=True, metadata={"help": "clip the per-dimension ratio (DDPO's code)"})
-    inner_epochs: int = field(default=1, metadata={"help": "DDPO-IS and RWR passes over each epoch's samples"})
-    minibatch_size: int = field(default=32, metadata={"help": "(sample, timestep) pairs per network call"})
-    gradient_accumulation: int = field(default=1, metadata={"help": "minibatches per optimiser step"})
-    timestep_fraction: float = field(default=1.0, metadata={"help": "fraction of timesteps trained on"})
-    min_sigma: float = field(default=0.0, metadata={"help": "DDPO: steps with sigma_t below this are not trained on"})
-    max_sigma: float = field(default=math.inf, metadata={"help": "DDPO: steps with sigma_t above this are not trained on"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
-    kl_coefficient: float = field(default=0.0, metadata={"help": "weight of the KL to the pretrained model"})
-    rwr_weighting: str = field(default="exponential", metadata={"help": "RWR weights: exponential or sparse"})
-    rwr_beta: float = field(default=1.0, metadata={"help": "RWR inverse temperature (of the advantages)"})
-    rwr_percentile: float = field(default=90.0, metadata={"help": "sparse RWR threshold percentile (of the advantages)"})
-    monitor: str | None = field(
-        default=None,
-        metadata={"help": "reward scored on each epoch's images for logging only (charts/monitor/...), e.g. scene_alignment"},
-    )
-    seed: int = field(default=0, metadata={"help": "seed of prompts, noise and minibatch order"})
-    device: str = field(default="cuda" if torch.cuda.is_available() else "cpu", metadata={"help": "torch device"})
-    checkpoint_every: int = field(default=1, metadata={"help": "epochs between checkpoints"})
-
-    def __post_init__(self) -> None:
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"algorithm={self.algorithm!r}; allowed: {ALGORITHMS}")
-        for name in ("epochs", "num_envs", "batches_per_epoch", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}; allowed: an int >= 1")
-        if self.lora_rank < 0:
-            raise ValueError(f"lora_rank={self.lora_rank}; allowed: >= 0 (0 = full fine-tuning)")
-
-    def ddpo(self) -> DDPOConfig:
-        return DDPOConfig(
-            estimator="sf" if self.algorithm == "ddpo-sf" else "is",
-            clip_range=self.clip_range,
-            per_dimension_ratio=self.per_dimension_ratio,
-            inner_epochs=self.inner_epochs,
-            minibatch_size=self.minibatch_size,
-            gradient_accumulation=self.gradient_accumulation,
-            timestep_fraction=self.timestep_fraction,
-            min_sigma=self.min_sigma,
-            max_sigma=self.max_sigma,
-            max_grad_norm=self.max_grad_norm,
-            kl_coefficient=self.kl_coefficient,
-        )
-
-    def rwr(self) -> RWRConfig:
-        return RWRConfig(
-            weighting=self.rwr_weighting,
-            beta=self.rwr_beta,
-            percentile=self.rwr_percentile,
-            minibatch_size=self.minibatch_size,
-            epochs=self.inner_epochs,
-            max_grad_norm=self.max_grad_norm,
-        )
+#: Settings a resumed run may change: they do not change what an epoch computes.
+RESUMABLE_CHANGES: tuple[tuple[str, str], ...] = (("run", "epochs"), ("run", "checkpoint_every"), ("run", "keep_checkpoints"))
+#: The checkpoint folders' name prefix (``checkpoint-0012`` holds the run after epoch 12).
+CHECKPOINT_PREFIX = "checkpoint-"
+CONFIG_FILE = "config.json"
 
 
 # ---------------------------------------------------------------------------- set-up
 
 
 class Run:
-    """The state of a training run: environment, policy, optimiser, RNGs, history."""
+    """The state of a training run: environment, policy, optimiser, reference policy, RNGs, history.
 
-    def __init__(self, config: TrainConfig) -> None:
+    Args:
+        config: the run's settings.
+        reference: build the reference policy of a KL penalty when the algorithm's config asks
+            for one (False when only sampling from the policy: saves a copy of a fully
+            fine-tuned model).
+    """
+
+    def __init__(self, config: TrainConfig, *, reference: bool = True) -> None:
         self.config = config
-        model_kwargs = {} if config.model is None else {"model": config.model}
+        device = str(check_device(config.run.device))
+        self.algorithm = get_algorithm(config.algorithm.name)
+        env_config = config.env
+        prompts = env_config.prompts if env_config.prompt_file is None else PromptSet.from_file(env_config.prompt_file)
+        model_kwargs = {} if env_config.model is None else {"model": env_config.model}
         self.env = gym.make_vec(
             "DiffusionDenoise-v0",
-            num_envs=config.num_envs,
-            reward=config.reward,
-            prompts=config.prompts,
-            num_inference_steps=config.num_inference_steps,
-            eta=config.eta,
-            guidance_scale=config.guidance_scale,
-            device=config.device,
+            num_envs=env_config.num_envs,
+            reward=config.reward.name,
+            prompts=prompts,
+            num_inference_steps=env_config.num_inference_steps,
+            eta=env_config.eta,
+            guidance_scale=env_config.guidance_scale,
+            device=device,
             array_type="torch",
-            samples_per_prompt=config.samples_per_prompt,
+            samples_per_prompt=env_config.samples_per_prompt,
             **model_kwargs,
         )
-        self.env.reset(seed=config.seed)
+        self.env.reset(seed=config.run.seed)
         self.policy = GaussianDenoisingPolicy.from_env(self.env)
-        self.reference_policy = copy.deepcopy(self.policy).requires_grad_(False) if config.kl_coefficient > 0 else None
-        if config.lora_rank > 0:
-            self.trainable = self.policy.add_lora(config.lora_rank)
+        if config.optimizer.lora_rank > 0:
+            self.trainable = self.policy.add_lora(config.optimizer.lora_rank, seed=config.run.seed)
         else:
             self.trainable = dict(self.policy.backend.trainable_module().named_parameters())
-        self.optimizer = torch.optim.AdamW(self.trainable.values(), lr=config.learning_rate)
-        self.monitor = None if config.monitor is None else make_reward(config.monitor)
-        self.tracker = PerPromptStatTracker(config.tracker_buffer_size, config.tracker_min_count)
-        self.sample_generator = torch.Generator(device=config.device).manual_seed(config.seed)
-        self.update_generator = torch.Generator().manual_seed(config.seed + 1)
+        # With LoRA the reference is the same network with its adapters off; else a frozen copy.
+        needs_reference = reference and self.algorithm.uses_reference(config.algorithm.config)
+        self.reference = make_reference(self.policy) if needs_reference else None
+        self.optimizer = torch.optim.AdamW(self.trainable.values(), lr=config.optimizer.learning_rate)
+        self.monitor = None if config.reward.monitor is None else make_reward(config.reward.monitor)
+        self.tracker = PerPromptStatTracker(config.advantages.tracker_buffer_size, config.advantages.tracker_min_count)
+        self.sample_generator = torch.Generator(device=device).manual_seed(config.run.seed)
+        self.update_generator = torch.Generator().manual_seed(config.run.seed + 1)
         self.epoch = 0
         self.history: list[dict[str, float]] = []
+        self.warned_no_signal = False
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save(self, directory: Path) -> None:
-        """Writes the run to ``directory/checkpoint-EEEE`` atomically, then points ``latest`` at it.
-
-        Everything is written into a temporary folder first and renamed into place; ``latest`` is
-        replaced with ``os.replace``. A run killed at any moment leaves the previous checkpoint
-        and its pointer intact.
-        """
-        final = directory / f"checkpoint-{self.epoch:04d}"
-        partial = directory / f".partial-{final.name}"
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        save_file({name: p.detach().cpu().contiguous() for name, p in self.trainable.items()}, partial / "trainable.safetensors")
-        torch.save(
-            {
+    def save(self, directory: Path) -> Path:
+        """Writes the run to ``directory/checkpoint-EEEE`` atomically and points ``latest`` at it."""
+        return checkpoints.write_checkpoint(
+            directory,
+            f"{CHECKPOINT_PREFIX}{self.epoch:04d}",
+            weights={"trainable": self.trainable},
+            state={
                 "epoch": self.epoch,
                 "optimizer": self.optimizer.state_dict(),
                 "tracker": self.tracker.state_dict(),
@@ -182,22 +127,15 @@ class Run:
                 "env_rng": self.env.unwrapped.np_random.bit_generator.state,
                 "history": self.history,
             },
-            partial / "state.pt",
+            texts={CONFIG_FILE: json.dumps(self.config.to_tables(), indent=2)},
+            keep_last=self.config.run.keep_checkpoints,
         )
-        (partial / "config.json").write_text(json.dumps(dataclasses.asdict(self.config), indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(partial, final)
-        pointer = directory / ".latest.tmp"
-        pointer.write_text(final.name)
-        os.replace(pointer, directory / "latest")
 
     def load(self, directory: Path, epoch: int | None = None) -> None:
         """Restores the run from the checkpoint ``directory/latest`` names, or from that of ``epoch``."""
-        name = (directory / "latest").read_text().strip() if epoch is None else f"checkpoint-{epoch:04d}"
-        checkpoint = directory / name
-        if not (checkpoint / "state.pt").exists():
-            raise FileNotFoundError(f"no checkpoint {checkpoint} (checkpoints are saved every checkpoint_every epochs)")
-        weights = load_file(checkpoint / "trainable.safetensors")
+        checkpoint = find_run_checkpoint(directory, epoch)
+        state = checkpoints.read_state(checkpoint)
+        weights = checkpoints.read_weights(checkpoint, "trainable")
         if set(weights) != set(self.trainable):
             raise ValueError(
                 f"checkpoint {checkpoint} holds other parameters than this run trains "
@@ -206,7 +144,6 @@ class Run:
         with torch.no_grad():
             for name, tensor in weights.items():
                 self.trainable[name].copy_(tensor)
-        state = torch.load(checkpoint / "state.pt", weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.tracker.load_state_dict(state["tracker"])
         self.sample_generator.set_state(state["sample_generator"])
@@ -221,31 +158,34 @@ class Run:
         return Trajectories.concatenate(
             [
                 collect_trajectories(self.env, self.policy, generator=self.sample_generator)
-                for _ in range(self.config.batches_per_epoch)
+                for _ in range(self.config.env.batches_per_epoch)
             ]
         )
 
     def advantages(self, samples: Trajectories) -> torch.Tensor:
         """The batch's clipped advantages: per-prompt statistics (updating the tracker) or batch ones."""
-        if self.config.per_prompt_advantages:
+        if self.config.advantages.per_prompt:
             advantages = self.tracker.update(samples.prompts, samples.rewards)
         else:
             advantages = batch_normalized_advantages(samples.rewards)
-        return clip_advantages(advantages, self.config.advantage_clip)
+        return clip_advantages(advantages, self.config.advantages.clip)
 
     def train_epoch(self) -> tuple[dict[str, float], Trajectories]:
-        config = self.config
         samples = self.collect()
         advantages = self.advantages(samples)
-        if config.algorithm == "rwr":
-            figures = rwr_update(self.policy, samples, self.optimizer, config.rwr(), self.update_generator, advantages)
-        else:
-            figures = ddpo_update(
-                self.policy, samples, advantages, self.optimizer, config.ddpo(), self.update_generator, self.reference_policy
-            )
+        context = UpdateContext(
+            config=self.config.algorithm.config,
+            policy=self.policy,
+            optimizer=self.optimizer,
+            generator=self.update_generator,
+            max_grad_norm=self.config.optimizer.max_grad_norm,
+            reference=self.reference,
+        )
+        figures = self.algorithm.update(context, samples, advantages)
         for name, parameter in self.trainable.items():
             if not bool(torch.isfinite(parameter).all()):
                 raise NonFiniteError(f"parameter {name} is not finite after epoch {self.epoch + 1}; stopping")
+        self.warn_without_signal(advantages, figures)
         rewards = samples.rewards.float()
         figures.update(
             {
@@ -259,6 +199,21 @@ class Run:
         self.epoch += 1
         return figures, samples
 
+    def warn_without_signal(self, advantages: torch.Tensor, figures: dict[str, float]) -> None:
+        """Warns (once per run) when an epoch's update had no reward signal or a zero gradient."""
+        zero_gradient = figures.get("losses/grad_norm") == 0.0
+        if self.warned_no_signal or (bool(advantages.any()) and not zero_gradient):
+            return
+        self.warned_no_signal = True
+        cause = "every advantage is 0" if not bool(advantages.any()) else "the gradient norm is 0"
+        warnings.warn(
+            f"epoch {self.epoch + 1}: the update had no learning signal ({cause}). With per-prompt advantages a "
+            "prompt is normalised by its own rewards once it has tracker_min_count of them, and rewards that are all "
+            "equal give 0; allowed remedies: more samples_per_prompt, a larger tracker_min_count, or "
+            "per_prompt = false in [advantages]",
+            stacklevel=2,
+        )
+
     def monitor_figures(self, samples: Trajectories) -> dict[str, float]:
         """The monitoring reward's mean on the epoch's images, and the mean of each of its details
         over the samples where it is defined (``RewardResult.detail_means``)."""
@@ -266,6 +221,41 @@ class Run:
         figures = {f"charts/monitor/{self.monitor.name}": float(result.rewards.float().mean())}
         figures.update({f"charts/monitor/{key}": mean for key, mean in result.detail_means().items()})
         return figures
+
+
+def find_run_checkpoint(directory: Path, epoch: int | None = None) -> Path:
+    """The checkpoint of a run's folder: the latest, or that of ``epoch``.
+
+    Raises:
+        FileNotFoundError: if there is none (the message says how often checkpoints are saved).
+    """
+    name = None if epoch is None else f"{CHECKPOINT_PREFIX}{epoch:04d}"
+    try:
+        checkpoint = checkpoints.find_checkpoint(directory, name)
+        if not (checkpoint / checkpoints.STATE_FILE).is_file():
+            raise FileNotFoundError(f"no checkpoint {checkpoint} (it holds no {checkpoints.STATE_FILE})")
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{error}; checkpoints are saved every checkpoint_every epochs") from None
+    return checkpoint
+
+
+def saved_config(directory: Path, epoch: int | None = None) -> TrainConfig:
+    """The config a run's checkpoint recorded."""
+    checkpoint = find_run_checkpoint(directory, epoch)
+    tables = json.loads((checkpoint / CONFIG_FILE).read_text())
+    return TrainConfig.from_tables(tables, source=str(checkpoint / CONFIG_FILE))
+
+
+def resume_differences(saved: TrainConfig, given: TrainConfig) -> list[str]:
+    """``[table] key: saved X, given Y`` for each setting that differs, except :data:`RESUMABLE_CHANGES`."""
+    before, after = saved.to_tables(), given.to_tables()
+    differences = []
+    for table in after:
+        for key in sorted(set(before.get(table, {})) | set(after[table])):
+            old, new = before.get(table, {}).get(key), after[table].get(key)
+            if old != new and (table, key) not in RESUMABLE_CHANGES:
+                differences.append(f"[{table}] {key}: saved {old!r}, given {new!r}")
+    return differences
 
 
 # ---------------------------------------------------------------------------- outputs
@@ -326,19 +316,66 @@ def save_reward_curve(history: list[dict[str, float]], path: Path) -> None:
     plt.close(figure)
 
 
-def train(config: TrainConfig, output_dir: Path, resume: bool = False) -> list[dict[str, float]]:
-    """Runs (or resumes) training; returns the per-epoch figures."""
-    from torch.utils.tensorboard import SummaryWriter
+# ---------------------------------------------------------------------------- training
 
-    output_dir.mkdir(parents=True, exist_ok=True)
+
+def run_files(output_dir: Path) -> list[Path]:
+    """What a run writes into its folder: checkpoints, pointer, TensorBoard events, images."""
+    if not output_dir.is_dir():
+        return []
+    patterns = (f"{CHECKPOINT_PREFIX}*", f"{checkpoints.PARTIAL_PREFIX}*", checkpoints.LATEST, "tensorboard", "samples-*.png", "reward_curve.png")
+    return sorted(path for pattern in patterns for path in output_dir.glob(pattern))
+
+
+def prepare(config: TrainConfig, output_dir: Path, resume: bool = False, overwrite: bool = False) -> Run:
+    """Checks everything that can be checked before training, then builds (or restores) the run.
+
+    The output folder is created only once the set-up succeeded.
+
+    Raises:
+        ValueError: a model without a registered name, a device this machine lacks, or, on
+            resume, settings that differ from the saved ones (each named with both values).
+        FileNotFoundError: ``resume`` without a checkpoint in ``output_dir``.
+        FileExistsError: ``output_dir`` holds a run and neither ``resume`` nor ``overwrite`` is set.
+    """
+    output_dir = Path(output_dir)
+    config.to_tables()  # a run records plain names and values: refuse what it cannot record now
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other; allowed: one of them")
+    if resume:
+        saved = saved_config(output_dir)
+        differences = resume_differences(saved, config)
+        if differences:
+            raise ValueError(
+                f"--resume: the settings differ from the run saved in {output_dir}: " + "; ".join(differences)
+                + ". Allowed changes on resume: " + ", ".join(f"[{t}] {k}" for t, k in RESUMABLE_CHANGES)
+                + "; to train with other settings, start a new run (another --output-dir, or --overwrite)"
+            )
+    elif run_files(output_dir) and not overwrite:
+        raise FileExistsError(
+            f"{output_dir} already holds a run; allowed: --resume to continue it, --overwrite to replace it "
+            "(its checkpoints, TensorBoard events and images are removed), or another --output-dir"
+        )
     run = Run(config)
     if resume:
-        if not (output_dir / "latest").exists():
-            raise FileNotFoundError(f"--resume: no checkpoint in {output_dir} (no 'latest' file)")
         run.load(output_dir)
+        name = checkpoints.latest_name(output_dir)
+        print(f"resuming {output_dir} from {name} (epoch {run.epoch} of {config.run.epochs})", flush=True)
+    else:
+        for path in run_files(output_dir):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return run
+
+
+def run_training(run: Run, output_dir: Path) -> list[dict[str, float]]:
+    """Trains ``run`` up to its config's epochs, logging, checkpointing and plotting into ``output_dir``."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    config = run.config
     writer = SummaryWriter(str(output_dir / "tensorboard"), purge_step=run.epoch + 1)
-    with tqdm(total=config.epochs, initial=run.epoch, desc=config.algorithm) as progress:
-        while run.epoch < config.epochs:
+    with tqdm(total=config.run.epochs, initial=run.epoch, desc=config.algorithm.name) as progress:
+        while run.epoch < config.run.epochs:
             started = time.perf_counter()
             figures, samples = run.train_epoch()
             figures["charts/epoch_seconds"] = time.perf_counter() - started
@@ -346,7 +383,7 @@ def train(config: TrainConfig, output_dir: Path, resume: bool = False) -> list[d
             for key, value in figures.items():
                 writer.add_scalar(key, value, run.epoch)
             save_sample_grid(samples, run.policy.backend.decode, output_dir / f"samples-{run.epoch:04d}.png")
-            if run.epoch % config.checkpoint_every == 0 or run.epoch == config.epochs:
+            if run.epoch % config.run.checkpoint_every == 0 or run.epoch == config.run.epochs:
                 run.save(output_dir)
             progress.set_postfix(reward=f"{figures['charts/reward_mean']:.4f}")
             progress.update()
@@ -356,39 +393,60 @@ def train(config: TrainConfig, output_dir: Path, resume: bool = False) -> list[d
     return run.history
 
 
-def read_config_file(path: Path) -> dict[str, Any]:
-    """The TrainConfig fields a TOML file sets; a key that is no field is refused by name."""
-    values: dict[str, Any] = tomllib.loads(path.read_text())
-    unknown = set(values) - {f.name for f in dataclasses.fields(TrainConfig)}
-    if unknown:
-        raise SystemExit(f"unknown keys in {path}: {sorted(unknown)}")
-    return values
+def train(config: TrainConfig, output_dir: Path, resume: bool = False, overwrite: bool = False) -> list[dict[str, float]]:
+    """Runs (or, with ``resume``, continues) training into ``output_dir``; returns the per-epoch figures.
+
+    See :func:`prepare` for what is refused before training starts.
+    """
+    return run_training(prepare(config, output_dir, resume, overwrite), Path(output_dir))
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, bool]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", type=Path, help="TOML file of TrainConfig fields; flags override it")
+# ---------------------------------------------------------------------------- command line
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, tuple[str, str]]]:
+    """The parser of ``python -m agents.train`` and the config field each flag sets."""
+    parser = argparse.ArgumentParser(
+        prog="python -m agents.train",
+        usage="%(prog)s --output-dir DIR [--config FILE] [--resume | --overwrite] [--SETTING VALUE ...] (all settings: --help)",
+        description=__doc__.split("\n\n")[0],
+        epilog="A flag overrides the config file; on --resume only the flags and file given count, over the saved config.",
+    )
+    parser.add_argument("--config", type=Path, help="TOML file with [run], [env], [reward], [advantages], [optimizer] and [algorithm] tables")
     parser.add_argument("--output-dir", type=Path, required=True, help="checkpoints, logs and images")
-    parser.add_argument("--resume", action="store_true", help="continue from the output dir's latest checkpoint")
-    for config_field in dataclasses.fields(TrainConfig):
-        flag = "--" + config_field.name.replace("_", "-")
-        kind = config_field.type
-        if kind == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=config_field.metadata["help"])
-        else:
-            convert = {"int": int, "float": float}.get(kind.split(" |")[0], str)
-            parser.add_argument(flag, type=convert, default=None, help=config_field.metadata["help"])
+    parser.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its latest checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run in --output-dir (its checkpoints, events and images)")
+    return parser, add_flags(parser)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, bool, bool]:
+    """The config, output folder and ``resume``/``overwrite`` of a command line; errors exit with status 2."""
+    parser, destinations = build_parser()
     args = parser.parse_args(argv)
-    values = read_config_file(args.config) if args.config else {}
-    values.update({k: v for k, v in vars(args).items() if k not in ("config", "output_dir", "resume") and v is not None})
-    return TrainConfig(**values), args.output_dir, args.resume
+    try:
+        given = read_config_file(args.config) if args.config else {}
+        source = str(args.config) if args.config else "command line"
+        if any(not isinstance(value, dict) for value in given.values()):
+            TrainConfig.from_tables(given, source)  # refuses a flat file, saying how to convert it
+        given = merge_tables(given, tables_from_flags(args, destinations))
+        if args.resume:
+            given = merge_tables(saved_config(args.output_dir).to_tables(), given)
+        config = TrainConfig.from_tables(given, source)
+    except (ConfigError, FileNotFoundError) as error:
+        parser.error(str(error))
+    return config, args.output_dir, args.resume, args.overwrite
 
 
 def main(argv: list[str] | None = None) -> None:
-    config, output_dir, resume = parse_args(argv)
-    history = train(config, output_dir, resume)
+    """Entry point of ``python -m agents.train``: set-up errors are one line on stderr with exit status 2."""
+    config, output_dir, resume, overwrite = parse_args(argv)
+    try:
+        run = prepare(config, output_dir, resume, overwrite)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as error:
+        build_parser()[0].error(str(error))
+    history = run_training(run, output_dir)
     print(json.dumps(history[-1], indent=2))
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -1,0 +1,44 @@
+"""Training algorithms of the DDPO family, each one module registered by name.
+
+- ``ddpo-is`` and ``ddpo-sf`` (:mod:`agents.algorithms.ddpo`): DDPO's importance-sampled and
+  score-function policy gradients (Black et al., 2023), optionally with DPOK's KL penalty
+  (Fan et al., 2023);
+- ``rwr`` (:mod:`agents.algorithms.rwr`): reward-weighted regression on the denoising loss.
+
+A new algorithm is a module defining a config dataclass and ``update(context, samples,
+advantages) -> figures`` (:class:`UpdateContext`), which calls :func:`register_algorithm`, and
+one import line below.
+"""
+
+from agents.algorithms.base import (
+    AdaptersDisabledReference,
+    NonFiniteError,
+    ReferencePolicy,
+    UpdateContext,
+    make_reference,
+)
+from agents.algorithms.registry import (
+    Algorithm,
+    UpdateFunction,
+    available_algorithms,
+    get_algorithm,
+    register_algorithm,
+    unregister_algorithm,
+)
+
+# The built-in algorithms register themselves on import.
+from agents.algorithms import ddpo, rwr  # noqa: E402,F401  isort: skip
+
+__all__ = [
+    "AdaptersDisabledReference",
+    "Algorithm",
+    "NonFiniteError",
+    "ReferencePolicy",
+    "UpdateContext",
+    "UpdateFunction",
+    "available_algorithms",
+    "get_algorithm",
+    "make_reference",
+    "register_algorithm",
+    "unregister_algorithm",
+]
