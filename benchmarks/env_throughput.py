@@ -1,17 +1,20 @@
 """Throughput and memory of the vector environment against a bare diffusers sampling loop.
 
-Both paths run the same UNet, batch size, number of steps and DDIM eta = 1 sampler:
+Both paths run the same back-end (``--model``, any registered name; default ``shapes32``, the
+built-in model and the environment's default), batch size, number of steps, guidance scale and
+the sampler of the back-end's scheduler (DDIM with eta = 1 for the registered models):
 
 - env: ``gym.make_vec("DiffusionDenoise-v0", array_type="torch")`` stepped by
   ``GaussianDenoisingPolicy.sample_with_log_prob`` (the policy's mean, sigma and exact
   log-likelihood, action checks, state bookkeeping, decoding and the JPEG reward at the end);
-- bare: ``unet(...)`` then ``DDIMScheduler.step(..., eta=1.0)``, nothing else.
+- bare: the back-end's network call (``backend.predict``) then the diffusers scheduler's own
+  ``step`` (``eta=1.0`` for DDIM), nothing else.
 
 Timed episodes of the two paths alternate, so that drift of the machine hits both alike; the
 median episode time gives transitions per second (batch x steps / time). Then the environment
 runs many short episodes and its resident memory is sampled, to show it stays flat.
 
-    python benchmarks/env_throughput.py --batch-sizes 32 64 --episodes 5
+    python benchmarks/env_throughput.py --batch-sizes 32 64 --episodes 5 [--model tiny-random]
 """
 
 from __future__ import annotations
@@ -21,15 +24,17 @@ import os
 import resource
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 import gymnasium as gym
 import torch
 from diffusers import DDIMScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 import diffusion_env  # noqa: F401  (registers DiffusionDenoise-v0)
 from agents import GaussianDenoisingPolicy
-from diffusion_env.backends import PixelUNetDenoiser, tiny_random_denoiser
+from diffusion_env.backends import DenoiserBackend, available_models, make_denoiser
+from diffusion_env.envs import DEFAULT_MODEL
 
 
 def resident_memory_mb() -> float:
@@ -65,14 +70,21 @@ def env_episode(env: gym.vector.VectorEnv, policy: GaussianDenoisingPolicy, gene
 
 
 def bare_episode(
-    backend: PixelUNetDenoiser, scheduler: DDIMScheduler, prompt_embeds: torch.Tensor, generator: torch.Generator
+    backend: DenoiserBackend,
+    scheduler: SchedulerMixin,
+    conditioning: Mapping[str, torch.Tensor],
+    guidance_scale: float,
+    batch: int,
+    generator: torch.Generator,
 ) -> None:
+    """One sampling loop: the back-end's network call, then the diffusers scheduler's ``step``."""
     latents = torch.randn(
-        (prompt_embeds.shape[0], *backend.latent_shape), generator=generator, device=backend.device, dtype=backend.dtype
-    )
+        (batch, *backend.latent_shape), generator=generator, device=backend.device, dtype=backend.dtype
+    ) * scheduler.init_noise_sigma
+    step_options = {"eta": 1.0} if isinstance(scheduler, DDIMScheduler) else {}
     for t in scheduler.timesteps:
-        eps = backend.unet(latents, t, encoder_hidden_states=prompt_embeds).sample
-        latents = scheduler.step(eps, t, latents, eta=1.0, generator=generator).prev_sample
+        output = backend.predict(latents, t.to(backend.device).expand(batch), conditioning, guidance_scale)
+        latents = scheduler.step(output, t, latents, generator=generator, **step_options).prev_sample
 
 
 def timed(episode: Callable[[], None], device: torch.device) -> float:
@@ -84,20 +96,22 @@ def timed(episode: Callable[[], None], device: torch.device) -> float:
 
 
 @torch.no_grad()
-def compare(backend: PixelUNetDenoiser, batch: int, steps: int, episodes: int) -> dict[str, float | str]:
+def compare(backend: DenoiserBackend, batch: int, steps: int, episodes: int) -> dict[str, float | str]:
+    """Median transitions/s of the environment and of the bare loop, their ratio and the memory figure."""
     device = backend.device
     env = gym.make_vec(
         "DiffusionDenoise-v0", num_envs=batch, model=backend, num_inference_steps=steps, array_type="torch"
     )
     env.reset(seed=0)
     policy = GaussianDenoisingPolicy.from_env(env)
-    scheduler = DDIMScheduler.from_config(backend.scheduler.config)
+    scheduler = type(backend.scheduler).from_config(backend.scheduler.config)
     scheduler.set_timesteps(steps)
-    prompt_embeds = backend.encode_prompts(env.unwrapped.core.prompts)
+    conditioning = backend.encode_prompts(env.unwrapped.prompts)
+    guidance_scale = env.unwrapped.guidance_scale
     generator = torch.Generator(device=device).manual_seed(0)
 
     run_env = lambda: env_episode(env, policy, generator)  # noqa: E731
-    run_bare = lambda: bare_episode(backend, scheduler, prompt_embeds, generator)  # noqa: E731
+    run_bare = lambda: bare_episode(backend, scheduler, conditioning, guidance_scale, batch, generator)  # noqa: E731
     run_env(), run_bare()  # warm-up: allocator, kernels, prompt cache
     env_times, bare_times = [], []
     for _ in range(episodes):
@@ -115,7 +129,7 @@ def compare(backend: PixelUNetDenoiser, batch: int, steps: int, episodes: int) -
 
 
 @torch.no_grad()
-def memory_over_episodes(backend: PixelUNetDenoiser, episodes: int, batch: int, steps: int) -> list[tuple[int, float]]:
+def memory_over_episodes(backend: DenoiserBackend, episodes: int, batch: int, steps: int) -> list[tuple[int, float]]:
     env = gym.make_vec("DiffusionDenoise-v0", num_envs=batch, model=backend, num_inference_steps=steps, array_type="torch")
     env.reset(seed=0)
     policy = GaussianDenoisingPolicy.from_env(env)
@@ -134,21 +148,27 @@ def memory_over_episodes(backend: PixelUNetDenoiser, episodes: int, batch: int, 
     return samples
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL, choices=available_models(), help="registered model name")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--steps", type=int, default=20, help="denoising steps per episode")
     parser.add_argument("--episodes", type=int, default=5, help="timed episodes per path and batch size")
-    parser.add_argument("--sample-size", type=int, default=32, help="image side of the test-sized UNet")
-    parser.add_argument("--memory-episodes", type=int, default=1000, help="episodes of the memory check")
+    parser.add_argument(
+        "--memory-episodes", type=int, default=1000, help="episodes of the memory check (at least 10: growth is from episode 10)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.memory_episodes < 10:
+        parser.error(f"--memory-episodes {args.memory_episodes}; allowed: 10 or more (growth is measured from episode 10)")
 
-    backend = tiny_random_denoiser(sample_size=args.sample_size).to(args.device)
-    parameters = sum(p.numel() for p in backend.unet.parameters())
+    backend = make_denoiser(args.model, device=args.device)
+    parameters = sum(p.numel() for p in backend.trainable_module().parameters())
     card = torch.cuda.get_device_name(backend.device) if backend.device.type == "cuda" else f"{os.cpu_count()} CPU cores"
+    height, width = backend.latent_shape[1:]
     print(f"device {args.device} ({card}), torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"UNet {parameters / 1e6:.2f} M parameters, {args.sample_size}x{args.sample_size}, {args.steps} DDIM steps, eta 1.0")
+    print(f"model {args.model}: network {parameters / 1e6:.2f} M parameters, latents {height}x{width}, "
+          f"{args.steps} steps of {type(backend.scheduler).__name__}")
     print(f"{'batch':>5} {'env transitions/s':>18} {'bare transitions/s':>19} {'env / bare':>10}")
     for batch in args.batch_sizes:
         result = compare(backend, batch, args.steps, args.episodes)

@@ -24,11 +24,11 @@ import torch
 
 import diffusion_env  # noqa: F401  (registers DiffusionDenoise-v0)
 from agents import GaussianDenoisingPolicy
-from agents.rollouts import collect_trajectories
 from agents.async_rollouts import collect_trajectories_async
-from diffusion_env.shapes import scenes
-from diffusion_env.rewards.async_rewards import AsyncRewardEvaluator
+from agents.rollouts import collect_trajectories
 from diffusion_env.rewards import RewardFn, make_reward
+from diffusion_env.rewards.async_rewards import AsyncRewardEvaluator
+from diffusion_env.shapes import scenes
 
 # prompt_alignment repeats the same batch, so it is timed with its text embeddings cached (as for
 # RL prompts, which recur); the scene parser then bounds it.
@@ -72,6 +72,7 @@ def slow_reward(delay: float) -> RewardFn:
 
 
 def make_env(reward: str | RewardFn, batch_size: int, steps: int) -> gym.vector.VectorEnv:
+    """The collection environment of part 2: the test-sized model, stepped in torch."""
     return gym.make_vec(
         "DiffusionDenoise-v0",
         num_envs=batch_size,
@@ -130,7 +131,7 @@ def aesthetic_images_per_second(batch_size: int, size: int) -> float:
     return batch_size / (time.perf_counter() - start)
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=32, help="side of the rendered scenes for part 1")
@@ -138,7 +139,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="denoising steps per episode in part 2")
     parser.add_argument("--batches", type=int, default=4, help="collection batches in part 2")
     parser.add_argument("--delay", type=float, default=0.5, help="seconds the slow reward sleeps per batch")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--skip-aesthetic", action="store_true", help="leave out the aesthetic scorer (a 0.3 B-parameter CLIP built in memory)"
+    )
+    args = parser.parse_args(argv)
     torch.manual_seed(0)
 
     print(f"offline rewards, CPU, batch {args.batch_size} of {args.image_size}x{args.image_size} scenes "
@@ -146,9 +150,10 @@ def main() -> None:
     for name in OFFLINE_REWARDS:
         rate = reward_images_per_second(name, args.batch_size, args.image_size, args.repeats)
         print(f"  {name:24s} {rate:12,.0f} images/s")
-    aesthetic_batch = min(args.batch_size, 16)
-    rate = aesthetic_images_per_second(aesthetic_batch, args.image_size)
-    print(f"  {'aesthetic (ViT-L/14)':24s} {rate:12,.1f} images/s (batch {aesthetic_batch}, random weights)")
+    if not args.skip_aesthetic:
+        aesthetic_batch = min(args.batch_size, 16)
+        rate = aesthetic_images_per_second(aesthetic_batch, args.image_size)
+        print(f"  {'aesthetic (ViT-L/14)':24s} {rate:12,.1f} images/s (batch {aesthetic_batch}, random weights)")
 
     print(f"\ncollection of {args.batches} batches x {args.batch_size} samples x {args.steps} steps, "
           f"model tiny-random, reward sleeping {args.delay} s per batch")

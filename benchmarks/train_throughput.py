@@ -6,7 +6,9 @@ for each minibatch of ``train_batch`` samples, loop over the timesteps, one netw
 ``train_batch`` transitions per timestep, gradients accumulated over the timesteps, one optimiser
 step per minibatch. It runs at DDPO's published per-device train batch (4) and at our batch size.
 Figures: transitions (sample, timestep pairs) trained per second, median over repeats, and peak
-memory.
+memory. ``--model`` takes any registered model name (default ``tiny-random``, the test-sized
+model at its registered 16x16; ``shapes32`` is the built-in model); the trained parameters are
+the back-end's ``trainable_module()``.
 
     python benchmarks/train_throughput.py --num-envs 32 --steps 20 --minibatch 64 [--model shapes32]
 """
@@ -19,6 +21,7 @@ import os
 import resource
 import statistics
 import time
+from collections.abc import Sequence
 
 import gymnasium as gym
 import torch
@@ -33,7 +36,7 @@ from agents import (
 )
 from agents.advantages import batch_normalized_advantages
 from agents.losses import clipped_surrogate_loss
-from diffusion_env.backends import available_models, make_denoiser, tiny_random_denoiser
+from diffusion_env.backends import available_models, make_denoiser
 
 
 def timestep_loop_update(
@@ -61,32 +64,30 @@ def timestep_loop_update(
 
 
 def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated on ``device``, or the process's peak resident memory on a CPU, in MB."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e6
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-envs", type=int, default=32, help="samples per batch")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps per sample")
     parser.add_argument("--minibatch", type=int, default=64, help="our (sample, timestep) pairs per network call")
     parser.add_argument("--model", default="tiny-random", choices=available_models(), help="denoiser back-end")
-    parser.add_argument("--sample-size", type=int, default=32, help="image side of the tiny-random UNet")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
 
-    backend = make_denoiser(
-        tiny_random_denoiser(sample_size=args.sample_size) if args.model == "tiny-random" else args.model, device
-    )
+    backend = make_denoiser(args.model, device)
     env = gym.make_vec("DiffusionDenoise-v0", num_envs=args.num_envs, model=backend,
                        num_inference_steps=args.steps, array_type="torch")
     policy = GaussianDenoisingPolicy.from_env(env)
     samples = collect_trajectories(env, policy, generator=torch.Generator(device=device).manual_seed(0), seed=0)
     advantages = batch_normalized_advantages(samples.rewards)
-    optimizer = torch.optim.AdamW(backend.unet.parameters(), lr=1e-6)
+    optimizer = torch.optim.AdamW(backend.trainable_module().parameters(), lr=1e-6)
     transitions = samples.batch_size * samples.num_steps
     config = DDPOConfig(minibatch_size=args.minibatch)
     generator = torch.Generator().manual_seed(0)
@@ -101,8 +102,8 @@ def main() -> None:
     }
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
     print(f"device {device} ({card}), torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"UNet {sum(p.numel() for p in backend.unet.parameters()) / 1e6:.2f} M parameters, "
-          f"{args.model} {samples.latents.shape[-1]}x{samples.latents.shape[-2]}; "
+          f"network {sum(p.numel() for p in backend.trainable_module().parameters()) / 1e6:.2f} M parameters, "
+          f"{args.model} {samples.latents.shape[-2]}x{samples.latents.shape[-1]}; "
           f"{args.num_envs} samples x {args.steps} steps")
     rates = {}
     for name, update in paths.items():

@@ -1,0 +1,56 @@
+"""The throughput benchmarks run end to end at tiny settings on the test-sized model and print their figures.
+
+Only that the figures are printed is checked: the timings of a busy test machine mean nothing.
+"""
+
+import re
+import runpy
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+NUMBER = r"[\d,]+\.\d+"
+
+
+def run_main(script, argv):
+    runpy.run_path(str(BENCHMARKS / script))["main"](argv)
+
+
+def test_env_throughput_prints_the_rates_of_both_paths_and_the_memory_over_episodes(capsys):
+    run_main("env_throughput.py", ["--model", "tiny-random", "--batch-sizes", "2", "--steps", "2", "--episodes", "1",
+                                   "--memory-episodes", "10", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "model tiny-random: network 0.34 M parameters, latents 16x16, 2 steps of DDIMScheduler" in out
+    assert re.search(rf"^\s+2\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+peak RSS so far \d+ MB$", out, re.MULTILINE)
+    assert re.search(rf"after episode\s+10: RSS\s+{NUMBER} MB", out)
+    assert re.search(r"growth from episode 10 to 10: [+-]\d+\.\d MB", out)
+
+
+def test_env_throughput_refuses_an_unregistered_model_and_too_short_a_memory_check(capsys):
+    with pytest.raises(SystemExit):
+        run_main("env_throughput.py", ["--model", "no-such-model"])
+    assert "invalid choice: 'no-such-model'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run_main("env_throughput.py", ["--model", "tiny-random", "--memory-episodes", "5"])
+    assert "allowed: 10 or more" in capsys.readouterr().err
+
+
+def test_train_throughput_prints_each_update_paths_rate_and_the_speed_ups(capsys):
+    run_main("train_throughput.py", ["--model", "tiny-random", "--num-envs", "2", "--steps", "2", "--minibatch", "4",
+                                     "--repeats", "1", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "tiny-random 16x16; 2 samples x 2 steps" in out
+    assert len(re.findall(rf"{NUMBER} transitions/s  \(peak RSS so far \d+ MB\)", out)) == 3
+    assert re.search(r"speed-up over the timestep loop at batch 4: \d+\.\d\dx; at batch 2: \d+\.\d\dx", out)
+
+
+def test_reward_throughput_prints_each_rewards_rate_and_the_asynchronous_saving(capsys):
+    run_main("reward_throughput.py", ["--batch-size", "4", "--repeats", "1", "--steps", "2", "--batches", "2",
+                                      "--delay", "0.05", "--skip-aesthetic"])
+    out = capsys.readouterr().out
+    for name in ("jpeg_compressibility", "jpeg_incompressibility", "colorfulness", "scene_alignment", "prompt_alignment"):
+        assert re.search(rf"{name}\s+[\d,]+ images/s", out)
+    assert "aesthetic" not in out
+    for figure in ("sampling alone", "synchronous", "asynchronous", "saved"):
+        assert re.search(rf"{figure}\s+-?{NUMBER} s", out)
