@@ -33,7 +33,6 @@ evaluated like a training run.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 
@@ -41,8 +40,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from agents.config import TrainConfig
 from agents.rollouts import Trajectories, collect_trajectories
-from agents.train import Run, TrainConfig
+from agents.runs import has_checkpoint, load_run
+from agents.train import Run
 from diffusion_env.images import image_grid
 from diffusion_env.shapes import heldout_counterpart
 from diffusion_env.rewards import jpeg_size_kb, make_reward
@@ -69,14 +70,15 @@ def run_config(run_dir: Path) -> TrainConfig:
     """The run's training config; for an SB3 run, one that builds the same model, sampler and reward."""
     if is_sb3_run(run_dir):
         args = json.loads((run_dir / "args.json").read_text())
-        return TrainConfig(
-            reward=args["reward"],
-            model=args["model"],
-            num_inference_steps=args["num_inference_steps"],
-            lora_rank=args["lora_rank"],
+        return TrainConfig.from_tables(
+            {
+                "env": {"model": args["model"], "num_inference_steps": args["num_inference_steps"]},
+                "reward": {"name": args["reward"]},
+                "optimizer": {"lora_rank": args["lora_rank"]},
+            },
+            source=str(run_dir / "args.json"),
         )
-    checkpoint = run_dir / (run_dir / "latest").read_text().strip()
-    return TrainConfig(**json.loads((checkpoint / "config.json").read_text()))
+    return load_run(run_dir).config
 
 
 def run_history(run_dir: Path, epoch: int | None = None) -> list[dict[str, float]]:
@@ -84,8 +86,7 @@ def run_history(run_dir: Path, epoch: int | None = None) -> list[dict[str, float
     if (run_dir / "history.json").exists():
         history = json.loads((run_dir / "history.json").read_text())
     else:
-        checkpoint = run_dir / (run_dir / "latest").read_text().strip()
-        history = torch.load(checkpoint / "state.pt", weights_only=True)["history"]
+        history = load_run(run_dir).history
     return history if epoch is None else history[:epoch]
 
 
@@ -98,17 +99,19 @@ def sample(
 
     Prompts and initial noise depend on ``seed`` only, so two calls with the same seed are paired.
     """
-    evaluation = dataclasses.replace(
-        config, prompts=prompts, num_envs=BATCH, samples_per_prompt=1, monitor=None, kl_coefficient=0.0
-    )
-    run = Run(evaluation)
+    changes = {
+        "env": {"prompts": prompts, "prompt_file": None, "num_envs": BATCH, "samples_per_prompt": 1},
+        "reward": {"monitor": None},
+    }
+    if run_dir is not None and not is_sb3_run(run_dir):
+        run = load_run(run_dir, epoch).build_run(changes)
+    else:
+        run = Run(config.with_changes(changes), reference=False)
     if run_dir is not None and is_sb3_run(run_dir):
         unused = run.policy.load_state_dict(load_file(run_dir / "actor.safetensors"), strict=False).unexpected_keys
         if unused:
             raise ValueError(f"{run_dir}/actor.safetensors holds parameters this model lacks: {unused[:3]}")
-    elif run_dir is not None:
-        run.load(run_dir, epoch)
-    generator = torch.Generator(device=config.device).manual_seed(seed)
+    generator = torch.Generator(device=config.run.device).manual_seed(seed)
     batches = [
         collect_trajectories(run.env, run.policy, generator=generator, seed=seed + index)
         for index in range(num_samples // BATCH)
@@ -257,17 +260,19 @@ def main() -> None:
     for run_dir, epoch in runs:
         label = run_label(run_dir, epoch)
         history = run_history(run_dir, epoch)
-        if not (run_dir / "latest").exists() and not is_sb3_run(run_dir):
+        if not has_checkpoint(run_dir) and not is_sb3_run(run_dir):
             print(f"| {label} | (no checkpoint: curve only) |", flush=True)
             continue
         config = run_config(run_dir)
-        algorithm = "sb3-ppo" if is_sb3_run(run_dir) else config.algorithm
+        algorithm = "sb3-ppo" if is_sb3_run(run_dir) else config.algorithm.name
         minutes = sum(h.get("charts/epoch_seconds", float("nan")) for h in history) / 60
-        heldout = heldout_counterpart(config.prompts) if args.heldout == "auto" else args.heldout
-        prompt_sets = [config.prompts] + ([heldout] if heldout and heldout != config.prompts else [])
-        results[label] = {"config": dataclasses.asdict(config), "epochs": len(history), "train_minutes": minutes}
+        trained_on = config.env.prompts
+        heldout = heldout_counterpart(trained_on) if args.heldout == "auto" else args.heldout
+        prompt_sets = [trained_on] + ([heldout] if heldout and heldout != trained_on else [])
+        results[label] = {"config": config.to_tables(), "epochs": len(history), "train_minutes": minutes}
         for prompts in prompt_sets:
-            key = (config.model, config.num_inference_steps, config.eta, config.guidance_scale, prompts)
+            env = config.env
+            key = (env.model, env.num_inference_steps, env.eta, env.guidance_scale, prompts)
             if key not in pretrained_samples:
                 pretrained_samples[key] = sample(config, None, None, prompts, args.samples, args.seed)
             pretrained = pretrained_samples[key]
@@ -282,7 +287,7 @@ def main() -> None:
                     f"{changes[key][0]:+.3f} ± {changes[key][1]:.3f}" if model == "fine-tuned" else "" for key in CHANGED
                 )
                 print(
-                    f"| {label} | {algorithm} | {config.reward} | {len(history)} | "
+                    f"| {label} | {algorithm} | {config.reward.name} | {len(history)} | "
                     f"{int(history[-1]['charts/reward_queries'])} | {minutes:.1f} | {prompts} | {model} | "
                     f"{means['jpeg_kb']:.3f} | {means['scene_background']:.3f} | {means['scene_color']:.3f} | "
                     f"{means['scene_shape']:.3f} | {means['scene_count']:.3f} | {means['scene_size']:.3f} | "
@@ -292,7 +297,7 @@ def main() -> None:
             if args.out:
                 save_pair_grid(pretrained, fine_tuned, args.out / f"{label}_{prompts}_samples.png")
         if args.out:
-            save_curves(history, f"{label}: {algorithm} on {config.reward}", args.out / f"{label}_curves.png")
+            save_curves(history, f"{label}: {algorithm} on {config.reward.name}", args.out / f"{label}_curves.png")
     if args.out and args.compare:
         save_comparison(
             {run_label(run_dir, epoch): run_history(run_dir, epoch) for run_dir, epoch in runs},

@@ -121,7 +121,7 @@ def _trained_copy(make_vec_env, config, steps=1):
     import copy
 
     from agents.advantages import batch_normalized_advantages
-    from agents.ddpo import ddpo_update
+    from agents.algorithms.ddpo import ddpo_update
 
     env = make_vec_env(num_envs=4, array_type="torch")
     policy = GaussianDenoisingPolicy.from_env(env)
@@ -141,7 +141,7 @@ def _trained_copy(make_vec_env, config, steps=1):
 
 @pytest.mark.parametrize("estimator", ["sf", "is"])
 def test_a_ddpo_update_changes_the_network_and_logs_finite_figures(make_vec_env, estimator):
-    from agents.ddpo import DDPOConfig
+    from agents.algorithms.ddpo import DDPOConfig
 
     config = DDPOConfig(estimator=estimator, minibatch_size=6, gradient_accumulation=2, inner_epochs=2,
                         timestep_fraction=0.5, kl_coefficient=0.1)
@@ -157,7 +157,7 @@ def test_a_ddpo_update_changes_the_network_and_logs_finite_figures(make_vec_env,
 
 
 def test_a_non_finite_loss_stops_training_before_the_update(make_vec_env):
-    from agents.ddpo import DDPOConfig, NonFiniteError, ddpo_update
+    from agents.algorithms.ddpo import DDPOConfig, NonFiniteError, ddpo_update
 
     env = make_vec_env(num_envs=2, array_type="torch")
     policy = GaussianDenoisingPolicy.from_env(env)
@@ -172,7 +172,7 @@ def test_a_non_finite_loss_stops_training_before_the_update(make_vec_env):
 
 @pytest.mark.parametrize("weighting", ["exponential", "sparse"])
 def test_an_rwr_update_fits_the_network_to_its_weighted_samples(make_vec_env, weighting):
-    from agents.rwr import RWRConfig, rwr_update
+    from agents.algorithms.rwr import RWRConfig, rwr_update
 
     env = make_vec_env(num_envs=4, array_type="torch")
     policy = GaussianDenoisingPolicy.from_env(env)
@@ -189,7 +189,7 @@ def test_rwr_weights_come_from_the_given_scores_in_place_of_the_rewards(make_vec
     import copy
     import dataclasses
 
-    from agents.rwr import RWRConfig, rwr_update
+    from agents.algorithms.rwr import RWRConfig, rwr_update
 
     env = make_vec_env(num_envs=4, array_type="torch")
     policy = GaussianDenoisingPolicy.from_env(env)
@@ -210,7 +210,7 @@ def test_rwr_weights_come_from_the_given_scores_in_place_of_the_rewards(make_vec
 
 
 def test_min_and_max_sigma_pick_the_window_of_steps_trained_on(make_vec_env, monkeypatch):
-    from agents.ddpo import DDPOConfig, ddpo_update
+    from agents.algorithms.ddpo import DDPOConfig, ddpo_update
 
     env = make_vec_env(num_envs=2, array_type="torch")
     policy = GaussianDenoisingPolicy.from_env(env)
