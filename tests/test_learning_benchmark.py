@@ -10,16 +10,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agents.train import TrainConfig, train
+from agents.config import TrainConfig
+from agents.train import train
 
 SCRIPT = Path(__file__).parent.parent / "benchmarks" / "learning.py"
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
 
 def test_learning_benchmark_compares_a_run_with_the_pretrained_model(tmp_path, monkeypatch, capsys):
-    config = TrainConfig(model="tiny-random", epochs=2, num_envs=4, samples_per_prompt=2, batches_per_epoch=1,
-                         num_inference_steps=2, minibatch_size=4, lora_rank=0, learning_rate=1e-3,
-                         monitor="scene_alignment", device="cpu")
+    config = TrainConfig.from_tables({
+        "run": {"epochs": 2, "device": "cpu"},
+        "env": {"model": "tiny-random", "num_envs": 4, "samples_per_prompt": 2, "batches_per_epoch": 1, "num_inference_steps": 2},
+        "reward": {"monitor": "scene_alignment"},
+        "optimizer": {"lora_rank": 0, "learning_rate": 1e-3},
+        "algorithm": {"minibatch_size": 4},
+    })
     train(config, tmp_path / "run")
     monkeypatch.setattr(sys, "argv", ["sb3_ppo.py", "--rollouts", "1", "--num-envs", "2", "--samples-per-prompt", "2",
                                       "--num-inference-steps", "2", "--batch-size", "4", "--min-sigma", "0", "--model", "tiny-random",
@@ -36,6 +41,7 @@ def test_learning_benchmark_compares_a_run_with_the_pretrained_model(tmp_path, m
     # Same prompts and noise: the pretrained figures do not depend on the run evaluated.
     assert results["run"]["scenes_train/pretrained"] == results["run@1"]["scenes_train/pretrained"]
     assert results["run"]["epochs"] == 2 and results["run@1"]["epochs"] == 1
+    assert results["run"]["config"] == config.to_tables()  # the saved config, read back through load_run
     # The last epoch's weights differ from the first's, and so do their samples.
     assert results["run"]["scenes_train/fine-tuned"] != results["run"]["scenes_train/pretrained"]
     # Every sample's alignment is defined, so the mean paired change is the change of the means.
