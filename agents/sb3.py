@@ -133,7 +133,8 @@ class DiffusionActorCriticPolicy(ActorCriticPolicy):
     zip's ``data`` and the network's weights (the UNet, any LoRA adapters, the critic) in the
     policy's state dict, and ``PPO.load(path, env=env)`` rebuilds the same policy. A model that
     is not registered is not accepted; register it with
-    :func:`diffusion_env.backends.register_model` first.
+    :func:`diffusion_env.backends.register_model` first. (The environment keeps its own copy of
+    the model, from which it renders and decodes; the policy's copy is the one trained.)
 
     The actor is a :class:`~agents.policy.GaussianDenoisingPolicy` (``policy.actor``: mean from
     the network, with classifier-free guidance and any LoRA adapters; sigma_t from the sampler),
@@ -172,9 +173,9 @@ class DiffusionActorCriticPolicy(ActorCriticPolicy):
     The policy checks the observation space against its model when it is built (latent shape,
     conditioning entries, the scheduler's timestep range) and every observation's timestep
     against its schedule, raising a ``ValueError`` that names ``num_inference_steps``. A policy
-    whose schedule holds every timestep of the environment's (20 steps against an environment of
-    4, 5 or 10, whose timesteps are a subset) cannot be told apart from observations: give the
-    environment's ``num_inference_steps`` and ``eta``.
+    whose schedule holds every timestep of the environment's (on the registered models, 20 steps
+    against an environment of 2, 4, 5 or 10, whose timesteps are a subset), or that differs only
+    in ``eta``, cannot be told apart from observations: give the environment's settings.
 
     Args:
         model: a registered model name (:func:`diffusion_env.backends.available_models`); default
@@ -241,7 +242,10 @@ class DiffusionActorCriticPolicy(ActorCriticPolicy):
         return make_sampler(backend.scheduler, self.num_inference_steps, device=backend.device, **options)
 
     def _build(self, lr_schedule: Schedule) -> None:
-        backend = make_denoiser(self.model)
+        # Building the model does not draw from torch's generator, which SB3's ``seed`` has just
+        # seeded for the critic's initialisation and the policy's noise.
+        with torch.random.fork_rng(devices=[]):
+            backend = make_denoiser(self.model)
         if not isinstance(backend, nn.Module):
             raise TypeError(
                 f"model {self.model!r} builds a {type(backend).__name__}, which is not a torch.nn.Module; "

@@ -198,3 +198,15 @@ def test_a_policy_that_does_not_fit_the_environment_says_which_setting_to_change
                          policy_kwargs={"model": "tiny-random", "num_inference_steps": NUM_STEPS + 1})
     with pytest.raises(ValueError, match="num_inference_steps=5"):
         other_schedule.predict(adapter.reset())
+
+
+def test_the_sampler_follows_the_policy_when_sb3_moves_it(make_vec_env):
+    from diffusion_env.samplers import make_sampler
+
+    policy = PPO(DiffusionActorCriticPolicy, make_adapter(make_vec_env), device="cpu", policy_kwargs=TEST_POLICY).policy
+    actor = policy.actor
+    # As if the policy had been built on another device than the one SB3 moves it to.
+    actor.sampler = make_sampler(actor.backend.scheduler, NUM_STEPS, device="meta")
+    assert policy.to("cpu") is policy
+    assert actor.sampler.timesteps.device == actor.sampler.sigma.device == torch.device("cpu")
+    assert actor.sampler.num_steps == NUM_STEPS
