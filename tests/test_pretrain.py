@@ -83,6 +83,16 @@ def test_resume_continues_bit_for_bit(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_checkpoints_are_pruned_and_their_state_needs_no_pickled_objects(tmp_path):
+    from diffusion_env import checkpoints
+
+    pretrain.train(tiny_config(tmp_path, 6), progress=False)
+    root = tmp_path / "checkpoints"
+    assert checkpoints.checkpoint_names(root, "step-") == ["step-0000004", "step-0000006"]
+    state = torch.load(root / "step-0000006" / "state.pt", weights_only=True)
+    assert state["step"] == 6 and len(state["losses"]) == 6
+
+
 def test_resume_without_checkpoint_says_how_to_start(tmp_path):
     with pytest.raises(FileNotFoundError, match="without --resume"):
         pretrain.train(tiny_config(tmp_path, 2), resume=True, progress=False)
