@@ -60,7 +60,7 @@ def test_a_missing_config_file_is_a_one_line_error(tmp_path, capsys):
     assert "nope.toml' does not exist" in message
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where CUDA is unavailable")
 def test_a_device_this_machine_lacks_is_a_one_line_error_and_creates_nothing(tmp_path, capsys):
     message = error_of([*TINY_FLAGS, "--device", "cuda", "--output-dir", str(tmp_path / "out")], capsys)
     assert "device='cuda': no CUDA device" in message and "allowed: ['cpu'" in message
