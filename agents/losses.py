@@ -19,28 +19,21 @@ def score_function_loss(log_probs: torch.Tensor, advantages: torch.Tensor) -> to
 
 
 def clipped_surrogate_loss(
-    log_probs: torch.Tensor,
-    old_log_probs: torch.Tensor,
-    advantages: torch.Tensor,
-    clip_range: float,
-    num_dims: int | None = None,
+    log_ratio: torch.Tensor, advantages: torch.Tensor, clip_range: float
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """DDPO_IS, eq. (4) with PPO's clip (Schulman et al., 2017, eq. 7).
+    """DDPO_IS, eq. (4) with PPO's clip (Schulman et al., 2017, eq. 7), from the log ratio.
 
-    ratio = p_theta(x_{t-1} | x_t, c) / p_theta_old(x_{t-1} | x_t, c)
+    ratio = p_theta(x_{t-1} | x_t, c) / p_theta_old(x_{t-1} | x_t, c) = exp(log_ratio)
     loss  = mean( max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)) )
 
-    With ``num_dims`` = D given, the ratio is that of the per-dimension-normalised likelihoods,
-    exp((log p - log p_old) / D), the objective of DDPO's reference code (clip range 1e-4 there);
-    with ``num_dims=None`` it is the exact full-likelihood ratio exp(log p - log p_old).
+    ``log_ratio`` is log p - log p_old (the exact full-likelihood ratio) or that difference
+    divided by the latent's dimension D (:func:`diffusion_env.samplers.base.per_dimension`, the
+    objective of DDPO's reference code, clip range 1e-4 there).
 
     Returns the loss and diagnostics: ``approx_kl`` (1/2 mean (log ratio)^2) and ``clip_fraction``.
     """
     if not clip_range > 0:
         raise ValueError(f"clip_range must be > 0, got {clip_range}")
-    log_ratio = log_probs - old_log_probs
-    if num_dims is not None:
-        log_ratio = log_ratio / num_dims
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import math
 from pathlib import Path
 
 import torch
@@ -40,14 +39,14 @@ def gradients_by_step(run: Run) -> list[torch.Tensor]:
         raise ValueError(f"algorithm {run.config.algorithm.name!r} has no DDPO surrogate; allowed: ddpo-is or ddpo-sf")
     samples = run.collect()
     advantages = run.advantages(samples)
-    num_dims = math.prod(samples.latents.shape[2:])
     indices = torch.arange(samples.batch_size, device=samples.latents.device)
     gradients = []
     for step in range(samples.num_steps):
         steps = torch.full_like(indices, step)
         run.optimizer.zero_grad(set_to_none=True)
-        log_probs = run.policy.log_prob(samples.observations(indices, steps), samples.actions(indices, steps))
-        loss, _ = surrogate_loss(config, log_probs, samples.log_probs[indices, steps], advantages, num_dims)
+        actions = samples.actions(indices, steps)
+        log_probs = run.policy.log_prob(samples.observations(indices, steps), actions)
+        loss, _ = surrogate_loss(config, log_probs, samples.log_probs[indices, steps], advantages, actions)
         loss.backward()
         gradients.append(torch.cat([p.grad.flatten() for p in run.trainable.values() if p.grad is not None]))
     return gradients

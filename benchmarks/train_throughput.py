@@ -16,7 +16,6 @@ the back-end's ``trainable_module()``.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import resource
 import statistics
@@ -36,6 +35,7 @@ from agents import (
 )
 from agents.advantages import batch_normalized_advantages
 from agents.losses import clipped_surrogate_loss
+from diffusion_env.samplers.base import per_dimension
 from diffusion_env.backends import available_models, make_denoiser
 
 
@@ -48,16 +48,15 @@ def timestep_loop_update(
     clip_range: float,
 ) -> None:
     """DDPO's reference structure: per minibatch of samples, one network call per timestep."""
-    num_dims = math.prod(samples.latents.shape[2:])
     for start in range(0, samples.batch_size, train_batch):
         indices = torch.arange(start, min(start + train_batch, samples.batch_size))
         optimizer.zero_grad(set_to_none=True)
         for step in range(samples.num_steps):
             steps = torch.full_like(indices, step)
-            log_probs = policy.log_prob(samples.observations(indices, steps), samples.actions(indices, steps))
-            loss, _ = clipped_surrogate_loss(
-                log_probs, samples.log_probs[indices, steps], advantages[indices], clip_range, num_dims
-            )
+            actions = samples.actions(indices, steps)
+            log_probs = policy.log_prob(samples.observations(indices, steps), actions)
+            log_ratio = per_dimension(log_probs - samples.log_probs[indices, steps], actions)
+            loss, _ = clipped_surrogate_loss(log_ratio, advantages[indices], clip_range)
             (loss / samples.num_steps).backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
         optimizer.step()

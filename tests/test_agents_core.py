@@ -16,6 +16,7 @@ from agents.losses import (
     weighted_denoising_loss,
 )
 from agents.rollouts import Trajectories, collect_trajectories
+from diffusion_env.samplers.base import per_dimension
 from tests.conftest import NUM_STEPS
 
 
@@ -31,7 +32,7 @@ def test_clipped_surrogate_on_hand_computed_ratios():
     old = torch.zeros(4)
     new = torch.log(torch.tensor([1.5, 1.5, 0.5, 1.1]))
     advantages = torch.tensor([1.0, -1.0, 1.0, 2.0])
-    loss, stats = clipped_surrogate_loss(new, old, advantages, clip_range=0.2)
+    loss, stats = clipped_surrogate_loss(new - old, advantages, clip_range=0.2)
     # ratio 1.5, A=+1: max(-1.5, -1.2) = -1.2;  ratio 1.5, A=-1: max(1.5, 1.2) = 1.5
     # ratio 0.5, A=+1: max(-0.5, -0.8) = -0.5;  ratio 1.1, A=+2: max(-2.2, -2.2) = -2.2
     assert float(loss) == pytest.approx((-1.2 + 1.5 - 0.5 - 2.2) / 4)
@@ -41,10 +42,11 @@ def test_clipped_surrogate_on_hand_computed_ratios():
 
 def test_per_dimension_ratio_divides_the_log_ratio_by_d():
     old, new = torch.zeros(1), torch.tensor([3000.0 * 1e-5])
-    loss, stats = clipped_surrogate_loss(new, old, torch.ones(1), clip_range=1e-4, num_dims=3000)
+    latents = torch.zeros(1, 3, 25, 40)  # D = 3,000
+    loss, stats = clipped_surrogate_loss(per_dimension(new - old, latents), torch.ones(1), clip_range=1e-4)
     assert float(loss) == pytest.approx(-math.exp(1e-5))  # within the clip: ratio e^(1e-5)
     assert float(stats["clip_fraction"]) == 0.0
-    loss_full, _ = clipped_surrogate_loss(new, old, torch.ones(1), clip_range=1e-4)
+    loss_full, _ = clipped_surrogate_loss(new - old, torch.ones(1), clip_range=1e-4)
     assert float(loss_full) == pytest.approx(-(1 + 1e-4))  # exact ratio e^0.03 is clipped
 
 

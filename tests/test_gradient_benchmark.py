@@ -1,6 +1,5 @@
 """The gradient benchmark splits one epoch's DDPO-IS gradient by step, and compares epochs."""
 
-import math
 import runpy
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ import torch
 
 from agents.config import TrainConfig
 from agents.losses import clipped_surrogate_loss
+from diffusion_env.samplers.base import per_dimension
 from agents.train import Run, train
 
 SCRIPT = Path(__file__).parent.parent / "benchmarks" / "gradient_by_step.py"
@@ -46,9 +46,10 @@ def test_the_steps_gradients_add_up_to_the_gradient_of_the_whole_epoch():
     advantages = run.advantages(samples)
     pairs = torch.cartesian_prod(torch.arange(samples.batch_size), torch.arange(samples.num_steps))
     indices, steps = pairs[:, 0], pairs[:, 1]
-    log_probs = run.policy.log_prob(samples.observations(indices, steps), samples.actions(indices, steps))
-    loss, _ = clipped_surrogate_loss(log_probs, samples.log_probs[indices, steps], advantages[indices],
-                                     config.algorithm.config.clip_range, math.prod(samples.latents.shape[2:]))
+    actions = samples.actions(indices, steps)
+    log_probs = run.policy.log_prob(samples.observations(indices, steps), actions)
+    log_ratio = per_dimension(log_probs - samples.log_probs[indices, steps], actions)
+    loss, _ = clipped_surrogate_loss(log_ratio, advantages[indices], config.algorithm.config.clip_range)
     (loss * samples.num_steps).backward()  # the mean over all pairs is the mean of the per-step means
     whole = torch.cat([p.grad.flatten() for p in run.trainable.values()])
     assert whole.norm() > 0

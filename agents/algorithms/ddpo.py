@@ -28,6 +28,7 @@ import torch
 from agents.algorithms.base import NonFiniteError, ReferencePolicy, UpdateContext, clipped_step, mean_figures
 from agents.algorithms.registry import register_algorithm
 from agents.losses import clipped_surrogate_loss, score_function_loss
+from diffusion_env.samplers.base import per_dimension
 from agents.policy import GaussianDenoisingPolicy
 from agents.rollouts import Trajectories
 from agents.step_window import StepWindow
@@ -80,12 +81,13 @@ def surrogate_loss(
     log_probs: torch.Tensor,
     old_log_probs: torch.Tensor,
     advantages: torch.Tensor,
-    num_dims: int,
+    actions: torch.Tensor,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DDPO-IS's clipped surrogate with ``config``'s clip range and ratio (per-dimension or exact)."""
-    return clipped_surrogate_loss(
-        log_probs, old_log_probs, advantages, config.clip_range, num_dims if config.per_dimension_ratio else None
-    )
+    log_ratio = log_probs - old_log_probs
+    if config.per_dimension_ratio:
+        log_ratio = per_dimension(log_ratio, actions)
+    return clipped_surrogate_loss(log_ratio, advantages, config.clip_range)
 
 
 def ddpo_update(
@@ -110,7 +112,6 @@ def ddpo_update(
     if config.kl_coefficient > 0 and reference_policy is None:
         raise ValueError("kl_coefficient > 0 needs the reference (pretrained) policy")
     trainable = [p for p in policy.parameters() if p.requires_grad]
-    num_dims = math.prod(trajectories.latents.shape[2:])
     eligible = config.window.steps(policy.sampler, trajectories.num_steps)
     num_train_steps = max(1, round(config.timestep_fraction * len(eligible)))
     inner_epochs = config.inner_epochs if config.estimator == "is" else 1
@@ -134,7 +135,7 @@ def ddpo_update(
                 stats = {}
             else:
                 loss, stats = surrogate_loss(
-                    config, log_probs, trajectories.log_probs[samples, step_indices], sample_advantages, num_dims
+                    config, log_probs, trajectories.log_probs[samples, step_indices], sample_advantages, actions
                 )
             if config.kl_coefficient > 0:
                 with torch.no_grad():

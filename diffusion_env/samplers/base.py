@@ -88,6 +88,17 @@ class Sampler(Protocol):
         ...
 
 
+def per_dimension(log_likelihood: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    """DDPO's per-dimension scaling: a log-likelihood ``(B,)`` (or a difference of two, a log
+    ratio) divided by the number D of dimensions of one latent of ``latents`` ``(B, ...)``.
+
+    DDPO's reference code averages the log-density over the latent's dimensions instead of summing
+    it, so that its importance ratio is exp((log p - log p_old) / D) and its clip range (1e-4)
+    refers to that ratio. Every per-dimension figure of the project is computed here.
+    """
+    return log_likelihood / latents[0].numel()
+
+
 class GaussianSampler:
     """Shared part of every sampler: the per-step tables and the Gaussian formulas on them.
 
@@ -192,7 +203,7 @@ class GaussianSampler:
         DDPO's reference code averages the per-dimension log-density instead of summing it; this
         is that quantity, derived from :meth:`log_prob` rather than computed a second way.
         """
-        return self.log_prob(next_latents, mean, step_index) / next_latents[0].numel()
+        return per_dimension(self.log_prob(next_latents, mean, step_index), next_latents)
 
     def kl_divergence(self, mean_p: torch.Tensor, mean_q: torch.Tensor, step_index: torch.Tensor) -> torch.Tensor:
         """KL(N(mu_p, sigma_k^2 I) || N(mu_q, sigma_k^2 I)) = ||mu_p - mu_q||^2 / (2 sigma_k^2): ``(B,)``.
