@@ -14,8 +14,15 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from agents import GaussianDenoisingPolicy
-from agents.rollouts import collect_trajectories
+from agents import (
+    DDPOConfig,
+    GaussianDenoisingPolicy,
+    StepWindow,
+    batch_normalized_advantages,
+    collect_trajectories,
+    ddpo_update,
+    make_reference,
+)
 from diffusion_env import GaussianSampler, ScheduleError, register_sampler
 from diffusion_env.backends import PROMPT_EMBEDDING, PixelUNetDenoiser, tiny_random_denoiser
 from tests.conftest import NUM_STEPS
@@ -100,6 +107,25 @@ def test_a_sampler_defined_here_plugs_into_gym_make_with_deterministic_steps_out
             torch.testing.assert_close(action, ddim, rtol=1e-5, atol=1e-6)
             assert float(log_prob[0]) == 0.0
         obs, *_ = env.step(action[0].numpy())
+
+
+def test_a_sampler_defined_here_trains_one_ddpo_step_on_its_stochastic_steps_only():
+    envs = gym.make_vec(
+        "DiffusionDenoise-v0", num_envs=4, samples_per_prompt=2, model="tiny-random", prompts=["a red circle", "two squares"],
+        num_inference_steps=NUM_STEPS, sampler=WindowedDDIM, sampler_options={"window": (1, 3)}, array_type="torch",
+    )
+    policy = GaussianDenoisingPolicy.from_env(envs, seed=0)
+    trainable = policy.add_lora(2, seed=0)
+    before = {name: p.detach().clone() for name, p in trainable.items()}
+    trajectories = collect_trajectories(envs, policy, seed=0)
+    assert trajectories.log_probs[:, [0, 3]].abs().sum() == 0 and bool((trajectories.log_probs[:, 1:3] != 0).all())
+    assert StepWindow().steps(envs.unwrapped.sampler).tolist() == [1, 2]  # deterministic steps are never trained on
+    advantages = batch_normalized_advantages(trajectories.rewards)
+    optimizer = torch.optim.AdamW(trainable.values(), lr=1e-3)
+    config = DDPOConfig(minibatch_size=4, gradient_accumulation=2, kl_coefficient=1e-3)  # one optimiser step
+    figures = ddpo_update(policy, trajectories, advantages, optimizer, config, torch.Generator().manual_seed(0), make_reference(policy))
+    assert all(np.isfinite(value) for value in figures.values()) and figures["losses/kl_to_reference"] == 0.0
+    assert any(not torch.equal(before[name], p) for name, p in trainable.items())
 
 
 def test_a_stochastic_step_with_zero_sigma_is_refused():
