@@ -24,7 +24,7 @@ import json
 import math
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -498,23 +498,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     unet_config = builtin_model.unet_config()
     if args.unet_config is not None:
         unet_config = json.loads(args.unet_config.read_text())
-    return TrainConfig(
-        output_dir=args.output_dir,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        warmup_steps=args.warmup_steps,
-        weight_decay=args.weight_decay,
-        ema_decay=args.ema_decay,
-        cfg_dropout=args.cfg_dropout,
-        snr_gamma=args.snr_gamma,
-        prediction_type=args.prediction_type,
-        seed=args.seed,
-        checkpoint_every=args.checkpoint_every,
-        threads=args.threads,
-        export_dir=None if args.no_export else args.export_dir,
-        unet_config=unet_config,
-    )
+    # Every field the command line has a flag of the same name for; the two below are derived.
+    flagged = {
+        f.name: getattr(args, f.name)
+        for f in fields(TrainConfig)
+        if f.name not in ("export_dir", "unet_config") and hasattr(args, f.name)
+    }
+    return TrainConfig(**flagged, export_dir=None if args.no_export else args.export_dir, unet_config=unet_config)
 
 
 def run_evaluation(args: argparse.Namespace) -> dict[str, dict[str, float]]:
