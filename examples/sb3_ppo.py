@@ -16,7 +16,7 @@ reward query (and evaluates against the pretrained model), the UNet's trained we
 ``actor.safetensors``, the whole SB3 model to ``ppo.zip`` (``PPO.load(path, env=...)`` resumes
 it) and the arguments to ``args.json``.
 
-Measured with the defaults (README, "Stable-Baselines3"): 160 rollouts in 18 minutes on a
+Measured with the defaults (docs/experiments.md, "Stable-Baselines3 PPO against DDPO-IS"): 160 rollouts in 18 minutes on a
 2-core CPU take the mean JPEG size from 1.173 to 0.871 kB (-26 %) with the prompted background
 kept in 88 % of the samples and the shapes gone.
 """
