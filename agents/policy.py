@@ -56,12 +56,20 @@ class GaussianDenoisingPolicy(nn.Module):
         self, backend: DenoiserBackend, sampler: Sampler, guidance_scale: float, seed: int | None = None
     ) -> None:
         super().__init__()
-        self.backend = backend
+        # Only the network is a submodule: parameters(), state_dict() and train()/eval() are the
+        # trained network's, not the frozen VAE's or text encoders'; moves take the whole back-end.
+        self.__dict__["backend"] = backend
+        self.network = backend.trainable_module()
         self.sampler = sampler
         self.guidance_scale = float(guidance_scale)
         self.generator: torch.Generator | None = None
         if seed is not None:
             self.seed(seed)
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> GaussianDenoisingPolicy:
+        if isinstance(self.backend, nn.Module):
+            self.backend._apply(fn, *args, **kwargs)
+        return super()._apply(fn, *args, **kwargs)
 
     @classmethod
     def from_env(cls, env: gym.Env | gym.vector.VectorEnv, seed: int | None = None) -> GaussianDenoisingPolicy:
@@ -104,19 +112,28 @@ class GaussianDenoisingPolicy(nn.Module):
 
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"rank={rank!r}; allowed: an int >= 1")
-        network = self.backend.trainable_module()
+        network = self.network
+        config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(target_modules))
+        existing = getattr(network, "peft_config", {}).get("default") if self.has_lora else None
+        if existing is not None:
+            # A second policy over the same back-end (e.g. a second environment): the adapters
+            # the network carries are this policy's too.
+            if existing.r != rank or set(existing.target_modules) != set(target_modules):
+                raise ValueError(
+                    f"the network already carries LoRA adapters of rank {existing.r} on {sorted(existing.target_modules)}; "
+                    f"allowed: the same rank and target modules, or a back-end of its own"
+                )
+            return {name: p for name, p in network.named_parameters() if "lora_" in name}
         network.requires_grad_(False)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            network.add_adapter(
-                LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(target_modules))
-            )
+            network.add_adapter(config)
         return {name: p for name, p in network.named_parameters() if p.requires_grad}
 
     @property
     def has_lora(self) -> bool:
         """Whether the network carries peft adapters (:meth:`add_lora`)."""
-        return bool(getattr(self.backend.trainable_module(), "_hf_peft_config_loaded", False))
+        return bool(getattr(self.network, "_hf_peft_config_loaded", False))
 
     @contextlib.contextmanager
     def adapters_disabled(self) -> Iterator[GaussianDenoisingPolicy]:
@@ -127,12 +144,11 @@ class GaussianDenoisingPolicy(nn.Module):
         """
         if not self.has_lora:
             raise ValueError("the policy has no LoRA adapters to disable; add them with add_lora(rank)")
-        network = self.backend.trainable_module()
-        network.disable_adapters()
+        self.network.disable_adapters()
         try:
             yield self
         finally:
-            network.enable_adapters()
+            self.network.enable_adapters()
 
     # ------------------------------------------------------------------ observations
 

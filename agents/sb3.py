@@ -216,8 +216,11 @@ class DiffusionActorCriticPolicy(ActorCriticPolicy):
                 "allowed: the model's registered name and sampler settings, e.g. policy_kwargs={'model': "
                 "registered_name(env.unwrapped.backend), 'num_inference_steps': env.unwrapped.num_inference_steps}"
             )
-        if not isinstance(model, str) or model not in available_models():
-            raise ValueError(f"model={model!r}; allowed: a registered model name, one of {available_models()}")
+        if not isinstance(model, str):
+            raise TypeError(
+                f"model={model!r}; allowed: a model's name (registered: {available_models()}), a hub id or a pipeline "
+                "folder: SB3 saves the policy's settings, so the model must be named, not given as an object"
+            )
         if kwargs.get("use_sde"):
             raise ValueError("use_sde=True replaces the sampler's noise; allowed: use_sde=False")
         # Plain values only (ActorCriticPolicy.__init__ ends by calling _build, which reads them):

@@ -97,7 +97,7 @@ class Run:
         if config.optimizer.lora_rank > 0:
             self.trainable = self.policy.add_lora(config.optimizer.lora_rank, seed=config.run.seed)
         else:
-            self.trainable = dict(self.policy.backend.trainable_module().named_parameters())
+            self.trainable = dict(self.policy.network.named_parameters())
         # With LoRA the reference is the same network with its adapters off; else a frozen copy.
         needs_reference = reference and self.algorithm.uses_reference(config.algorithm.config)
         self.reference = make_reference(self.policy) if needs_reference else None

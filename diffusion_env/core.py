@@ -58,7 +58,8 @@ class DenoisingCore:
 
     Args:
         num_envs: batch size N.
-        model: a registered model name or a :class:`~diffusion_env.models.DenoiserBackend`.
+        model: a registered model name, a hub id or pipeline folder, a diffusers pipeline, or a
+            :class:`~diffusion_env.backends.DenoiserBackend` (see :func:`~diffusion_env.backends.make_denoiser`).
         reward: a registered reward name or a callable ``(images, prompts, metadata) -> rewards``.
         prompts: a registered prompt-set name, a list of prompts or a ``PromptSet``.
         num_inference_steps: denoising steps K per episode.
@@ -66,6 +67,11 @@ class DenoisingCore:
         sampler: a registered sampler name, a factory ``(scheduler, K, device=..., **options) ->
             Sampler``, or None for the default sampler of the back-end's scheduler type.
         sampler_options: further keyword options of the sampler.
+        height, width: the image size, for models whose resolution can be chosen (Stable
+            Diffusion; default: the model's native size).
+        negative_prompt: the prompt of classifier-free guidance's unconditional branch, for
+            models that take one (default: the empty prompt).
+        model_options: further options of the model's construction (e.g. ``frozen_dtype``).
         guidance_scale: classifier-free guidance weight (>= 0) used for the rendered x0-prediction
             and by policies built from the environment; None takes the model's default.
         device: where the model and the state live (default: the model's device).
@@ -92,6 +98,10 @@ class DenoisingCore:
         samples_per_prompt: int = 1,
         sampler: str | SamplerFactory | None = None,
         sampler_options: Mapping[str, Any] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        negative_prompt: str | None = None,
+        model_options: Mapping[str, Any] | None = None,
     ) -> None:
         # Cheap checks first, so that a bad argument fails before a model is built.
         num_envs = check_int("num_envs", num_envs, 1)
@@ -113,7 +123,9 @@ class DenoisingCore:
             options["eta"] = eta
         self.reward = make_reward(reward)
         self.prompt_set = make_prompt_set(prompts)
-        self.backend = make_denoiser(model, device=device, dtype=dtype)
+        given = {"height": height, "width": width, "negative_prompt": negative_prompt}
+        build_options = {**(model_options or {}), **{key: value for key, value in given.items() if value is not None}}
+        self.backend = make_denoiser(model, device=device, dtype=dtype, **build_options)
         self.sampler: Sampler = make_sampler(
             self.backend.scheduler, num_inference_steps, sampler, device=self.backend.device, **options
         )
@@ -189,8 +201,13 @@ class DenoisingCore:
             **{key: value.clone() for key, value in self.conditioning.items()},
         }
 
-    def reset(self, rng: np.random.Generator) -> None:
-        """Starts N new episodes: prompts drawn from ``rng``, x_T ~ N(0, I) from a generator seeded by it."""
+    def reset(self, rng: np.random.Generator, shared_noise: bool = False) -> None:
+        """Starts N new episodes: prompts drawn from ``rng``, x_T ~ N(0, I) from a generator seeded by it.
+
+        With ``shared_noise`` the ``samples_per_prompt`` episodes of each prompt start from one
+        x_T (DanceGRPO's shared initial noise, Xue et al., 2025), drawn per group, so that
+        different groups start from different noise.
+        """
         drawn, drawn_metadata = self.prompt_set.sample(self.num_envs // self.samples_per_prompt, rng)
         prompts = [prompt for prompt in drawn for _ in range(self.samples_per_prompt)]
         metadata = [dict(meta) for meta in drawn_metadata for _ in range(self.samples_per_prompt)]
@@ -202,18 +219,39 @@ class DenoisingCore:
             )
         self.generator.manual_seed(int(rng.integers(2**63)))
         # Sampling starts from pure noise scaled by the sampler's init_noise_sigma (1 for DDIM/DDPM).
+        count = self.num_envs // self.samples_per_prompt if shared_noise else self.num_envs
         latents = torch.randn(
-            (self.num_envs, *self.latent_shape), generator=self.generator, device=self.device, dtype=self.dtype
+            (count, *self.latent_shape), generator=self.generator, device=self.device, dtype=self.dtype
         ) * self.sampler.init_noise_sigma
+        if shared_noise:
+            latents = latents.repeat_interleave(self.samples_per_prompt, dim=0)
         self.prompts, self.metadata, self.conditioning, self.latents = prompts, metadata, conditioning, latents
         self.step_index = 0
+
+    def branch(self, latents: torch.Tensor, step_index: int) -> None:
+        """Restarts the current episodes (same prompts and conditioning) from ``latents`` ``(N, C, H, W)``
+        at step index ``step_index``: the next step goes from these latents at that step's timestep.
+
+        A group of episodes given the same latents shares its trajectory up to ``step_index`` and
+        may differ after it (branching: TempFlow-GRPO, He et al., 2025; BranchGRPO, Li et al., 2025).
+
+        Raises:
+            EpisodeStateError: before the first ``reset``.
+            TypeError, ValueError: for latents that are no valid action (:meth:`check_action`), or a
+                step index outside ``[0, K)``.
+        """
+        self.require_reset()
+        step_index = check_int("step_index", step_index, 0, self.num_steps - 1)
+        self.latents = self.check_action(latents, "latents")
+        self.step_index = step_index
 
     def require_reset(self) -> None:
         if self.step_index < 0:
             raise EpisodeStateError("the environment has not been reset; call reset() before step() or render()")
 
-    def check_action(self, action: torch.Tensor) -> torch.Tensor:
-        """Validates a batched action ``(N, C, H, W)``; returns a private copy in the core's dtype.
+    def check_action(self, action: torch.Tensor, name: str = "action") -> torch.Tensor:
+        """Validates a batched action ``(N, C, H, W)`` (or other latents, called ``name`` in errors);
+        returns a private copy in the core's dtype.
 
         Raises:
             TypeError: for a non-floating dtype.
@@ -221,26 +259,26 @@ class DenoisingCore:
         """
         expected = (self.num_envs, *self.latent_shape)
         if not isinstance(action, torch.Tensor):
-            raise TypeError(f"action must be a torch.Tensor here, got {type(action).__name__}")
+            raise TypeError(f"{name} must be a torch.Tensor here, got {type(action).__name__}")
         if action.layout != torch.strided:
-            raise TypeError(f"action has layout {action.layout}; allowed: a dense (strided) tensor")
+            raise TypeError(f"{name} has layout {action.layout}; allowed: a dense (strided) tensor")
         if not action.is_floating_point():
             raise TypeError(
-                f"action has dtype {action.dtype}; allowed: a floating-point latent (float32 numpy, "
+                f"{name} has dtype {action.dtype}; allowed: a floating-point latent (float32 numpy, "
                 f"or a float torch tensor)"
             )
         if tuple(action.shape) != expected:
-            raise ValueError(f"action has shape {tuple(action.shape)}; allowed: {expected}")
+            raise ValueError(f"{name} has shape {tuple(action.shape)}; allowed: {expected}")
         if action.device != self.device:
-            raise ValueError(f"action is on {action.device}; allowed: the environment's device {self.device}")
+            raise ValueError(f"{name} is on {action.device}; allowed: the environment's device {self.device}")
         # One fused min/max pass answers all three questions (NaN propagates and compares False),
         # so a valid step costs one reduction and one sync.
         low, high = torch.aminmax(action)
         if not bool((low >= -self.latent_bound) & (high <= self.latent_bound)):
             if not bool(torch.isfinite(action).all()):
-                raise ValueError("action contains NaN or inf; allowed: finite latent values")
+                raise ValueError(f"{name} contains NaN or inf; allowed: finite latent values")
             raise ValueError(
-                f"action has values up to {float(action.abs().max()):g} in magnitude; allowed: "
+                f"{name} has values up to {float(action.abs().max()):g} in magnitude; allowed: "
                 f"[-{self.latent_bound:g}, {self.latent_bound:g}] (the action space's bounds)"
             )
         return action.to(self.dtype, copy=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 
 from agents.algorithms import AdaptersDisabledReference
@@ -155,7 +156,10 @@ def test_with_lora_the_kl_reference_is_the_network_with_adapters_off(monkeypatch
     assert run.policy.has_lora  # the adapters are back on after each reference call
     full = Run(tiny(optimizer={"lora_rank": 0}, algorithm=algorithm))
     assert isinstance(full.reference, GaussianDenoisingPolicy) and full.reference is not full.policy
-    assert GaussianDenoisingPolicy in copied
+    # Full fine-tuning copies the network alone; the back-end's other parts are shared.
+    assert GaussianDenoisingPolicy not in copied and UNet2DConditionModel in copied
+    assert full.reference.network is not full.policy.network
+    assert full.reference.backend.prompt_encoder is full.policy.backend.prompt_encoder
 
 
 def test_lora_runs_with_the_same_seed_are_identical(tmp_path):

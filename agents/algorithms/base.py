@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import torch
 
 from agents.policy import GaussianDenoisingPolicy, Observation
+from diffusion_env.backends import BackendModule
 
 
 class NonFiniteError(FloatingPointError):
@@ -57,10 +58,14 @@ def make_reference(policy: GaussianDenoisingPolicy) -> ReferencePolicy:
     """The pretrained policy of ``policy`` as it is now.
 
     With LoRA adapters: the same network with the adapters disabled. Without (full
-    fine-tuning): a frozen copy of the policy, taken now, before any update.
+    fine-tuning): a frozen copy of the network, taken now, before any update, over the same
+    back-end's other parts (a ``BackendModule`` shares them; another back-end is copied whole).
     """
     if policy.has_lora:
         return AdaptersDisabledReference(policy)
+    if isinstance(policy.backend, BackendModule):
+        frozen = copy.deepcopy(policy.network).requires_grad_(False)
+        return GaussianDenoisingPolicy(policy.backend.with_network(frozen), policy.sampler, policy.guidance_scale)
     return copy.deepcopy(policy).requires_grad_(False)
 
 

@@ -1,26 +1,51 @@
 """Back-ends: the models the environment steps, and the registry that names them.
 
-``make_denoiser("shapes32")`` builds a registered model; :func:`register_model` adds one, e.g. a
-user's fine-tuned pipeline wrapped in the :class:`DenoiserBackend` protocol, so that it can be
-named wherever a model is named (``gym.make(..., model=name)``, ``agents.train --model name``).
-A back-end built from the registry remembers its name (:func:`registered_name`), which is what a
-training run records in its saved configuration.
+A model is named by a registered name (``"shapes32"``, ``"sd-1.5"``: :func:`register_model` adds
+one), a diffusers pipeline object, a folder written by a pipeline's ``save_pretrained``, or a
+Hugging Face hub id (Stable Diffusion 1.x/2.x and SDXL pipelines are built in, see
+:mod:`~diffusion_env.backends.pipelines`), or given as a :class:`DenoiserBackend` object.
+A back-end built from a name remembers it (:func:`registered_name`), which is what a training
+run records in its saved configuration.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import weakref
 from collections.abc import Callable
+from typing import Any
 
 import torch
+from diffusers import DiffusionPipeline
 
 from diffusion_env.backends.base import BackendModule, Conditioning, DenoiserBackend
+from diffusion_env.backends.pipelines import (
+    backend_for_pipeline,
+    is_pipeline_source,
+    load_pipeline,
+    register_pipeline_backend,
+    supported_pipelines,
+)
 from diffusion_env.backends.pixel_unet import PROMPT_EMBEDDING, PixelUNetDenoiser, tiny_random_denoiser
+from diffusion_env.backends.stable_diffusion import CHECKPOINTS, StableDiffusionBackend
 from diffusion_env.registry import Registry
 
-ModelFactory = Callable[[], DenoiserBackend]
+#: ``factory(**options) -> DenoiserBackend``; options such as ``height`` or ``negative_prompt``
+#: come from the environment's arguments, for the models that take them.
+ModelFactory = Callable[..., DenoiserBackend]
 
 MODELS: Registry[ModelFactory] = Registry("model", {"tiny-random": tiny_random_denoiser})
+register_pipeline_backend("StableDiffusionPipeline", StableDiffusionBackend)
+register_pipeline_backend("StableDiffusionXLPipeline", StableDiffusionBackend)
+
+
+def _from_pipeline_source(source: str, **options: Any) -> DenoiserBackend:
+    return backend_for_pipeline(load_pipeline(source), **options)
+
+
+for _name, _source in CHECKPOINTS.items():
+    MODELS.register(_name, functools.partial(_from_pipeline_source, _source))
 _NAMES: weakref.WeakKeyDictionary[object, str] = weakref.WeakKeyDictionary()
 
 
@@ -42,31 +67,60 @@ def registered_name(backend: object) -> str | None:
         return None
 
 
+def _build(name: str, factory: ModelFactory, options: dict[str, Any]) -> DenoiserBackend:
+    try:
+        inspect.signature(factory).bind(**options)
+    except TypeError:
+        raise ValueError(f"model {name!r} takes no option(s) {sorted(options)}") from None
+    return factory(**options)
+
+
 def make_denoiser(
-    model: str | DenoiserBackend,
+    model: str | DiffusionPipeline | DenoiserBackend,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    **options: Any,
 ) -> DenoiserBackend:
-    """Resolves ``model`` (a registered name or a back-end object) and places it on device/dtype.
+    """Resolves ``model`` and places it on device/dtype.
+
+    Args:
+        model: a registered name, a hub id or pipeline folder, a diffusers pipeline object, or a
+            :class:`DenoiserBackend` object.
+        device, dtype: where and in what precision the back-end runs.
+        options: the back-end's construction options (e.g. ``height``, ``width``,
+            ``negative_prompt`` of Stable Diffusion); refused for a back-end object, which is
+            built already, and for models that take none.
 
     Raises:
-        ValueError: for an unknown model name (the message lists the known ones).
-        TypeError: for an object that does not implement :class:`DenoiserBackend`.
+        ValueError: for an unknown model name (the message lists the known ones) or options the
+            model does not take; FileNotFoundError: for a checkpoint that is not on disk.
+        TypeError: for an object that is neither a pipeline of a supported type nor a back-end.
     """
     if isinstance(model, str):
-        backend = MODELS.get(model, " or a DenoiserBackend object")()
+        if model in MODELS or not is_pipeline_source(model):
+            factory = MODELS.get(model, ", a hub id owner/name, a pipeline folder, or a DenoiserBackend object")
+            backend = _build(model, factory, options)
+        else:
+            backend = _from_pipeline_source(model, **options)
         if not isinstance(backend, DenoiserBackend):
-            raise TypeError(f"the factory of model {model!r} returned {type(backend).__name__}, which does not implement DenoiserBackend")
+            raise TypeError(f"model {model!r} built a {type(backend).__name__}, which does not implement DenoiserBackend")
         try:
             _NAMES[backend] = model
         except TypeError:
             pass  # a back-end that cannot be weakly referenced is recorded by no name
+    elif isinstance(model, DiffusionPipeline):
+        backend = backend_for_pipeline(model, **options)
     elif isinstance(model, DenoiserBackend):
+        if options:
+            raise ValueError(
+                f"options {sorted(options)} cannot change a back-end object that is built already; allowed: "
+                "give them when building it, or pass the model's name or pipeline instead"
+            )
         backend = model
     else:
         raise TypeError(
-            f"model must be a registered name {available_models()} or an object implementing "
-            f"DenoiserBackend, got {type(model).__name__}"
+            f"model must be a registered name {available_models()}, a hub id or pipeline folder, a diffusers "
+            f"pipeline ({', '.join(supported_pipelines())}) or a DenoiserBackend object, got {type(model).__name__}"
         )
     if device is not None or dtype is not None:
         backend.to(device=device, dtype=dtype)
@@ -74,6 +128,7 @@ def make_denoiser(
 
 
 __all__ = [
+    "CHECKPOINTS",
     "MODELS",
     "PROMPT_EMBEDDING",
     "BackendModule",
@@ -81,9 +136,11 @@ __all__ = [
     "DenoiserBackend",
     "ModelFactory",
     "PixelUNetDenoiser",
+    "StableDiffusionBackend",
     "available_models",
     "make_denoiser",
     "register_model",
+    "register_pipeline_backend",
     "registered_name",
     "tiny_random_denoiser",
 ]

@@ -9,6 +9,7 @@ and time ids for SDXL, a guidance value for FLUX). Back-ends import nothing of t
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
@@ -91,6 +92,18 @@ class BackendModule(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return next(self.trainable_module().parameters()).dtype
+
+    def with_network(self, network: nn.Module) -> BackendModule:
+        """A shallow copy of this back-end whose trainable network is ``network``; every other part
+        (VAE, text encoders, scheduler) is shared, not copied. For a frozen reference of a fully
+        fine-tuned network: only the network is duplicated."""
+        current = self.trainable_module()
+        name = next((key for key, module in self._modules.items() if module is current), None)
+        if name is None:
+            raise TypeError(f"{type(self).__name__}.trainable_module() is not one of its submodules")
+        clone = copy.copy(self)
+        clone._modules = {**self._modules, name: network}
+        return clone
 
     def _moved(self) -> None:
         """Called after every move or cast; moves what is not a submodule (nothing by default)."""

@@ -1,0 +1,74 @@
+"""diffusers pipelines as back-ends: loading one by hub id or folder, and wrapping it by its type.
+
+A model may be named by a diffusers pipeline object, a local folder written by a pipeline's
+``save_pretrained``, or a Hugging Face hub id. The pipeline's type picks the back-end class that
+wraps it (:func:`register_pipeline_backend`): Stable Diffusion 1.x/2.x and SDXL are built in; a
+new model family is one back-end module and one registration.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from diffusers import DiffusionPipeline
+
+from diffusion_env.backends.base import DenoiserBackend
+
+PipelineBackendFactory = Callable[..., DenoiserBackend]
+
+#: Pipeline class name -> back-end factory. Keyed by name, so that registering costs no import of
+#: the pipeline classes (which load their text and image models' code).
+_BY_PIPELINE: dict[str, PipelineBackendFactory] = {}
+
+
+def register_pipeline_backend(pipeline_class: str, factory: PipelineBackendFactory, overwrite: bool = False) -> None:
+    """Makes ``factory(pipeline, **options)`` the back-end of pipelines of the class named
+    ``pipeline_class`` (or a subclass of it), e.g. ``"StableDiffusionPipeline"``."""
+    if not callable(factory):
+        raise TypeError(f"the back-end of {pipeline_class} must be callable, got {type(factory).__name__}")
+    if pipeline_class in _BY_PIPELINE and not overwrite:
+        raise ValueError(f"{pipeline_class} already has a back-end; pass overwrite=True to replace it")
+    _BY_PIPELINE[pipeline_class] = factory
+
+
+def supported_pipelines() -> list[str]:
+    """The names of the pipeline classes a back-end is registered for."""
+    return sorted(_BY_PIPELINE)
+
+
+def backend_for_pipeline(pipeline: DiffusionPipeline, **options: Any) -> DenoiserBackend:
+    """The back-end of ``pipeline``'s class, built with ``options`` (e.g. ``height``, ``negative_prompt``)."""
+    lineage = [kind.__name__ for kind in type(pipeline).__mro__]
+    factory = next((_BY_PIPELINE[name] for name in lineage if name in _BY_PIPELINE), None)
+    if factory is None:
+        raise TypeError(f"no back-end for a {type(pipeline).__name__}; allowed: {supported_pipelines()}")
+    return factory(pipeline, **options)
+
+
+def is_pipeline_source(name: str) -> bool:
+    """Whether ``name`` names a pipeline: an existing folder, or a hub id ``owner/name``."""
+    return Path(name).is_dir() or (name.count("/") == 1 and not name.startswith(("/", ".")) and " " not in name)
+
+
+def load_pipeline(source: str | os.PathLike[str]) -> DiffusionPipeline:
+    """A pipeline from a folder or a hub id; nothing is downloaded for a folder or with ``HF_HUB_OFFLINE=1``.
+
+    Raises:
+        FileNotFoundError: naming the source and what is missing.
+    """
+    source = str(source)
+    folder = Path(source).is_dir()
+    if folder and not (Path(source) / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"{source} holds no model_index.json; allowed: a folder written by a diffusers pipeline's "
+            "save_pretrained (model_index.json beside one folder per component)"
+        )
+    offline = folder or os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "true", "yes", "on")
+    try:
+        return DiffusionPipeline.from_pretrained(source, local_files_only=offline)
+    except OSError as error:
+        where = "in this folder" if folder else "in the local Hugging Face cache (HF_HUB_OFFLINE=1 forbids downloads)"
+        raise FileNotFoundError(f"cannot load pipeline {source!r}: files missing {where}: {error}") from None
