@@ -6,6 +6,7 @@ the core with a batch of one.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import gymnasium as gym
@@ -37,6 +38,40 @@ def _numpy_action(action: Any, space: gym.spaces.Box, core: DenoisingCore) -> to
     return torch.from_numpy(np.ascontiguousarray(action)).to(core.device)
 
 
+#: The keys ``reset(options=...)`` understands (see the environments' "Reset options").
+RESET_OPTIONS = ("shared_noise", "branch")
+
+
+def _reset_core_with(core: DenoisingCore, rng: np.random.Generator, options: Mapping[str, Any] | None, batched: bool) -> None:
+    """Resets ``core`` as ``reset(options=options)`` asks: new episodes (optionally with shared noise) or a branch.
+
+    Raises:
+        ValueError, TypeError: for an unknown option or a value it does not allow (the message
+            says what is allowed).
+    """
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(RESET_OPTIONS))
+    if unknown:
+        raise ValueError(f"reset options {unknown} are not known; allowed: {list(RESET_OPTIONS)}")
+    if "branch" not in options:
+        shared_noise = options.get("shared_noise", False)
+        if not isinstance(shared_noise, bool):
+            raise TypeError(f"options['shared_noise']={shared_noise!r}; allowed: True or False")
+        core.reset(rng, shared_noise=shared_noise)
+        return
+    if "shared_noise" in options:
+        raise ValueError("reset options 'branch' and 'shared_noise' exclude each other; allowed: one of them")
+    branch = options["branch"]
+    if not isinstance(branch, Mapping) or set(branch) != {"latents", "step_index"}:
+        raise ValueError(f"options['branch']={branch!r}; allowed: a dict with the keys 'latents' and 'step_index'")
+    latents = branch["latents"]
+    if isinstance(latents, np.ndarray):
+        latents = torch.from_numpy(np.ascontiguousarray(latents)).to(core.device)
+    if isinstance(latents, torch.Tensor) and not batched:
+        latents = latents[None]
+    core.branch(latents, branch["step_index"])
+
+
 def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
     """A new numpy array (never a view of the environment's state)."""
     return np.array(tensor.detach().to(torch.float32 if tensor.is_floating_point() else tensor.dtype).cpu().numpy())
@@ -57,6 +92,9 @@ class _DenoisingView:
     reward = _core_attribute("reward", "The reward paid on the last step (a checked ``Reward``).")
     guidance_scale = _core_attribute("guidance_scale", "The classifier-free guidance weight of the model's own policy.")
     num_inference_steps = _core_attribute("num_steps", "K, the steps of an episode.")
+    samples_per_prompt = _core_attribute(
+        "samples_per_prompt", "G, the consecutive episodes that share a prompt (a group) at each reset."
+    )
     step_index = _core_attribute(
         "step_index", "The step index k of the current latents (-1 before the first reset, K once the episode is over)."
     )
@@ -124,6 +162,21 @@ class DiffusionDenoiseEnv(_DenoisingView, gym.Env):
     x_T ~ N(0, I) from the environment's seeded generator, and a prompt drawn uniformly from the
     prompt set.
 
+    ## Reset options
+
+    ``reset(options=...)`` takes a dict with at most one of:
+
+    - ``"shared_noise"``: ``True`` starts the ``samples_per_prompt`` consecutive episodes of each
+      prompt (a group) from the same x_T, drawn once per group, so that groups differ from each
+      other (DanceGRPO's shared initial noise: Xue et al., 2025). ``False`` (the default) draws
+      x_T per episode. Autoresets of the vector environment draw x_T per episode.
+    - ``"branch"``: ``{"latents": x, "step_index": k}`` restarts the current episodes, with their
+      prompts, from the latents ``x`` (``(C, H, W)``, batched ``(N, C, H, W)``; numpy or torch) at
+      step index k in ``[0, K)``: the next step is step k. Nothing is drawn. Episodes given the
+      same latents share their trajectory up to step k and may differ after it (branching:
+      TempFlow-GRPO, He et al., 2025; BranchGRPO, Li et al., 2025). Latents are checked as
+      actions are.
+
     ## Episode End
 
     ``terminated=True`` after ``num_inference_steps`` steps. There is no truncation.
@@ -172,7 +225,7 @@ class DiffusionDenoiseEnv(_DenoisingView, gym.Env):
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         super().reset(seed=seed)
-        self.core.reset(self.np_random)
+        _reset_core_with(self.core, self.np_random, options, batched=False)
         # The conditioning is fixed for the episode: convert it once, not at every step.
         self._conditioning = {key: _to_numpy(value[0]) for key, value in self.core.conditioning.items()}
         return self._observation(), {"prompt": self.core.prompts[0]}
@@ -209,7 +262,9 @@ class DiffusionDenoiseVectorEnv(_DenoisingView, VectorEnv):
       flags are then torch tensors on the environment's device, with no copy to the host.
     - ``samples_per_prompt``: G (default 1). Each reset draws N / G prompts and gives each to G
       consecutive environments (different noise), so that an algorithm can compare samples of
-      the same prompt (per-prompt advantages); G must divide N.
+      the same prompt (per-prompt advantages); G must divide N. ``reset(options={"shared_noise":
+      True})`` also gives the G environments of a prompt one x_T, and ``reset(options={"branch":
+      ...})`` restarts them from given latents at a given step (see "Reset options" above).
 
     All N episodes share the step index, so they end together. One seeded generator draws the
     whole batch: ``reset(seed=s)`` with N = 1 reproduces the single environment's ``reset(seed=s)``.
@@ -275,8 +330,8 @@ class DiffusionDenoiseVectorEnv(_DenoisingView, VectorEnv):
             info["_reward_details"] = mask
         return info
 
-    def _reset_core(self) -> None:
-        self.core.reset(self.np_random)
+    def _reset_core(self, options: Mapping[str, Any] | None = None) -> None:
+        _reset_core_with(self.core, self.np_random, options, batched=True)
         if self.array_type == "numpy":
             # The conditioning is fixed for the episode: copy it to the host once, not every step.
             self._conditioning = {key: _to_numpy(value) for key, value in self.core.conditioning.items()}
@@ -286,7 +341,7 @@ class DiffusionDenoiseVectorEnv(_DenoisingView, VectorEnv):
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         super().reset(seed=seed)
-        self._reset_core()
+        self._reset_core(options)
         return self._observation(), self._info()
 
     def _action_tensor(self, actions: Any) -> torch.Tensor:
