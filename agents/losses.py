@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from diffusion_env.samplers.base import per_dimension
+
 
 def score_function_loss(log_probs: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
     """DDPO_SF, eq. (3): grad J = E[ sum_t grad log p_theta(x_{t-1} | x_t, c) r ].
@@ -44,6 +46,26 @@ def clipped_surrogate_loss(
             "clip_fraction": ((ratio - 1.0).abs() > clip_range).float().mean(),
         }
     return loss, diagnostics
+
+
+def importance_sampled_loss(
+    log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    actions: torch.Tensor,
+    clip_range: float,
+    per_dimension_ratio: bool,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`clipped_surrogate_loss` of the ratio p_theta / p_theta_old of the ``actions`` ``(B, ...)``.
+
+    With ``per_dimension_ratio`` the log ratio is divided by the latent's dimension D first
+    (:func:`~diffusion_env.samplers.base.per_dimension`, DDPO's reference code); else it is the
+    exact one. DDPO-IS and GRPO share this objective.
+    """
+    log_ratio = log_probs - old_log_probs
+    if per_dimension_ratio:
+        log_ratio = per_dimension(log_ratio, actions)
+    return clipped_surrogate_loss(log_ratio, advantages, clip_range)
 
 
 def reward_weights(rewards: torch.Tensor, beta: float) -> torch.Tensor:

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
 from agents.policy import GaussianDenoisingPolicy, Observation
+from agents.rollouts import Trajectories
 from diffusion_env.backends import BackendModule
 
 
@@ -81,6 +82,8 @@ class UpdateContext:
         max_grad_norm: gradient-norm clip of every optimiser step.
         reference: the pretrained policy, for a KL penalty (None when the algorithm's config asks
             for none).
+        epoch: the number of epochs trained before this update (0 for the first), for schedules
+            over epochs such as a sliding window of trained steps.
     """
 
     config: Any
@@ -89,6 +92,7 @@ class UpdateContext:
     generator: torch.Generator
     max_grad_norm: float = 1.0
     reference: ReferencePolicy | None = None
+    epoch: int = 0
 
 
 def clipped_step(optimizer: torch.optim.Optimizer, parameters: list[torch.Tensor], max_grad_norm: float) -> float:
@@ -109,3 +113,74 @@ def clipped_step(optimizer: torch.optim.Optimizer, parameters: list[torch.Tensor
 def mean_figures(figures: Mapping[str, list[float]]) -> dict[str, float]:
     """``losses/NAME``: the mean of each figure's values over the update's steps."""
     return {f"losses/{key}": sum(values) / len(values) for key, values in figures.items()}
+
+
+#: ``objective(log_probs, samples, steps, actions) -> (loss, diagnostics)`` of one minibatch of
+#: (sample, step) pairs: ``log_probs`` ``(M,)`` are the policy's, recomputed with gradients.
+Objective = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]
+]
+
+
+def policy_gradient_pass(
+    policy: GaussianDenoisingPolicy,
+    optimizer: torch.optim.Optimizer,
+    trajectories: Trajectories,
+    minibatches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    objective: Objective,
+    figures: dict[str, list[float]],
+    *,
+    name: str,
+    accumulation: int = 1,
+    max_grad_norm: float = 1.0,
+    kl_coefficient: float = 0.0,
+    reference: ReferencePolicy | None = None,
+    target_kl: float = math.inf,
+) -> bool:
+    """One pass of a policy-gradient update over ``minibatches`` of (sample, step) pairs.
+
+    For each minibatch it recomputes the log-likelihoods of the recorded actions, takes
+    ``objective``'s loss, adds ``kl_coefficient`` times the exact per-step KL to ``reference``
+    (DPOK: Fan et al., 2023; Flow-GRPO's beta), and backpropagates; it steps the optimiser every
+    ``accumulation`` minibatches and after the last. Each figure (``loss``, ``grad_norm``, the
+    objective's diagnostics, ``kl_to_reference``) is appended to ``figures``.
+
+    Returns True if it stopped early: after an optimiser step whose minibatches' mean
+    ``approx_kl`` (a diagnostic of the objective) exceeded ``target_kl``.
+
+    Raises:
+        ValueError: if ``kl_coefficient > 0`` without a reference policy.
+        NonFiniteError: if a loss or gradient is NaN or inf (``name`` says whose; nothing is applied then).
+    """
+    if kl_coefficient > 0 and reference is None:
+        raise ValueError("kl_coefficient > 0 needs the reference (pretrained) policy")
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer.zero_grad(set_to_none=True)
+    step_kl: list[float] = []
+    for index, (samples, steps) in enumerate(minibatches, start=1):
+        obs = trajectories.observations(samples, steps)
+        actions = trajectories.actions(samples, steps)
+        # The minibatch's step indices k index the sampler's tables directly.
+        mean = policy.mean(obs)
+        loss, stats = objective(policy.sampler.log_prob(actions, mean, steps), samples, steps, actions)
+        if kl_coefficient > 0:
+            with torch.no_grad():
+                reference_mean = reference.mean(obs)
+            kl = policy.sampler.kl_divergence(mean, reference_mean, steps).mean()
+            loss = loss + kl_coefficient * kl
+            stats["kl_to_reference"] = kl.detach()
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise NonFiniteError(f"the {name} loss is {loss_value}; stopping before the optimiser applies it")
+        (loss / accumulation).backward()
+        figures.setdefault("loss", []).append(loss_value)
+        for key, value in stats.items():
+            figures.setdefault(key, []).append(float(value))
+        if "approx_kl" in stats:
+            step_kl.append(float(stats["approx_kl"]))
+        if index % accumulation == 0 or index == len(minibatches):
+            figures.setdefault("grad_norm", []).append(clipped_step(optimizer, trainable, max_grad_norm))
+            if step_kl and sum(step_kl) / len(step_kl) > target_kl:
+                return True
+            step_kl = []
+    return False

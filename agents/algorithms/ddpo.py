@@ -25,10 +25,9 @@ from typing import Literal
 
 import torch
 
-from agents.algorithms.base import NonFiniteError, ReferencePolicy, UpdateContext, clipped_step, mean_figures
+from agents.algorithms.base import NonFiniteError, ReferencePolicy, UpdateContext, mean_figures, policy_gradient_pass  # noqa: F401  (NonFiniteError: raised by the update)
 from agents.algorithms.registry import register_algorithm
-from agents.losses import clipped_surrogate_loss, score_function_loss
-from diffusion_env.samplers.base import per_dimension
+from agents.losses import importance_sampled_loss, score_function_loss
 from agents.policy import GaussianDenoisingPolicy
 from agents.rollouts import Trajectories
 from agents.step_window import StepWindow
@@ -84,10 +83,9 @@ def surrogate_loss(
     actions: torch.Tensor,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DDPO-IS's clipped surrogate with ``config``'s clip range and ratio (per-dimension or exact)."""
-    log_ratio = log_probs - old_log_probs
-    if config.per_dimension_ratio:
-        log_ratio = per_dimension(log_ratio, actions)
-    return clipped_surrogate_loss(log_ratio, advantages, config.clip_range)
+    return importance_sampled_loss(
+        log_probs, old_log_probs, advantages, actions, config.clip_range, config.per_dimension_ratio
+    )
 
 
 def ddpo_update(
@@ -109,10 +107,15 @@ def ddpo_update(
         ValueError: if a KL coefficient is set without a reference policy, or the step window
             holds no step.
     """
-    if config.kl_coefficient > 0 and reference_policy is None:
-        raise ValueError("kl_coefficient > 0 needs the reference (pretrained) policy")
-    trainable = [p for p in policy.parameters() if p.requires_grad]
-    eligible = config.window.steps(policy.sampler, trajectories.num_steps)
+
+    def objective(
+        log_probs: torch.Tensor, samples: torch.Tensor, steps: torch.Tensor, actions: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if config.estimator == "sf":
+            return score_function_loss(log_probs, advantages[samples]), {}
+        return surrogate_loss(config, log_probs, trajectories.log_probs[samples, steps], advantages[samples], actions)
+
+    eligible = trajectories.trained_steps(config.window, policy.sampler)
     num_train_steps = max(1, round(config.timestep_fraction * len(eligible)))
     inner_epochs = config.inner_epochs if config.estimator == "is" else 1
     figures: dict[str, list[float]] = {}
@@ -122,36 +125,10 @@ def ddpo_update(
         minibatches = list(trajectories.minibatches(config.minibatch_size, generator, steps))
         # SF's gradient is only unbiased at the sampling policy: one optimiser step per batch.
         accumulation = len(minibatches) if config.estimator == "sf" else config.gradient_accumulation
-        optimizer.zero_grad(set_to_none=True)
-        for index, (samples, step_indices) in enumerate(minibatches, start=1):
-            obs = trajectories.observations(samples, step_indices)
-            actions = trajectories.actions(samples, step_indices)
-            # The minibatch's step indices k index the sampler's tables directly.
-            mean = policy.mean(obs)
-            log_probs = policy.sampler.log_prob(actions, mean, step_indices)
-            sample_advantages = advantages[samples]
-            if config.estimator == "sf":
-                loss = score_function_loss(log_probs, sample_advantages)
-                stats = {}
-            else:
-                loss, stats = surrogate_loss(
-                    config, log_probs, trajectories.log_probs[samples, step_indices], sample_advantages, actions
-                )
-            if config.kl_coefficient > 0:
-                with torch.no_grad():
-                    reference_mean = reference_policy.mean(obs)
-                kl = policy.sampler.kl_divergence(mean, reference_mean, step_indices).mean()
-                loss = loss + config.kl_coefficient * kl
-                stats["kl_to_reference"] = kl.detach()
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise NonFiniteError(f"the DDPO loss is {loss_value}; stopping before the optimiser applies it")
-            (loss / accumulation).backward()
-            figures.setdefault("loss", []).append(loss_value)
-            for key, value in stats.items():
-                figures.setdefault(key, []).append(float(value))
-            if index % accumulation == 0 or index == len(minibatches):
-                figures.setdefault("grad_norm", []).append(clipped_step(optimizer, trainable, max_grad_norm))
+        policy_gradient_pass(
+            policy, optimizer, trajectories, minibatches, objective, figures, name="DDPO", accumulation=accumulation,
+            max_grad_norm=max_grad_norm, kl_coefficient=config.kl_coefficient, reference=reference_policy,
+        )
     policy.eval()
     return mean_figures(figures)
 
