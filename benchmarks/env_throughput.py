@@ -1,6 +1,6 @@
 """Throughput and memory of the vector environment against a bare diffusers sampling loop.
 
-Both paths run the same back-end (``--model``, any registered name; default ``shapes32``, the
+Both paths run the same back-end (``--model``, any registered name, hub id or pipeline folder; default ``shapes32``, the
 built-in model and the environment's default), batch size, number of steps, guidance scale and
 the sampler of the back-end's scheduler (DDIM with eta = 1 for the registered models):
 
@@ -150,7 +150,7 @@ def memory_over_episodes(backend: DenoiserBackend, episodes: int, batch: int, st
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=DEFAULT_MODEL, choices=available_models(), help="registered model name")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"a registered model ({available_models()}), a hub id or a pipeline folder")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--steps", type=int, default=20, help="denoising steps per episode")
     parser.add_argument("--episodes", type=int, default=5, help="timed episodes per path and batch size")
@@ -162,7 +162,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.memory_episodes < 10:
         parser.error(f"--memory-episodes {args.memory_episodes}; allowed: 10 or more (growth is measured from episode 10)")
 
-    backend = make_denoiser(args.model, device=args.device)
+    try:
+        backend = make_denoiser(args.model, device=args.device)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        parser.error(str(error))
     parameters = sum(p.numel() for p in backend.trainable_module().parameters())
     card = torch.cuda.get_device_name(backend.device) if backend.device.type == "cuda" else f"{os.cpu_count()} CPU cores"
     height, width = backend.latent_shape[1:]

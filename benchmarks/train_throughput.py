@@ -6,7 +6,7 @@ for each minibatch of ``train_batch`` samples, loop over the timesteps, one netw
 ``train_batch`` transitions per timestep, gradients accumulated over the timesteps, one optimiser
 step per minibatch. It runs at DDPO's published per-device train batch (4) and at our batch size.
 Figures: transitions (sample, timestep pairs) trained per second, median over repeats, and peak
-memory. ``--model`` takes any registered model name (default ``tiny-random``, the test-sized
+memory. ``--model`` takes any registered model name, hub id or pipeline folder (default ``tiny-random``, the test-sized
 model at its registered 16x16; ``shapes32`` is the built-in model); the trained parameters are
 the back-end's ``trainable_module()``.
 
@@ -74,19 +74,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--num-envs", type=int, default=32, help="samples per batch")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps per sample")
     parser.add_argument("--minibatch", type=int, default=64, help="our (sample, timestep) pairs per network call")
-    parser.add_argument("--model", default="tiny-random", choices=available_models(), help="denoiser back-end")
+    parser.add_argument("--model", default="tiny-random", help=f"a registered model ({available_models()}), a hub id or a pipeline folder")
+    parser.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (0: the whole network)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
 
-    backend = make_denoiser(args.model, device)
+    try:
+        backend = make_denoiser(args.model, device)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        parser.error(str(error))
     env = gym.make_vec("DiffusionDenoise-v0", num_envs=args.num_envs, model=backend,
                        num_inference_steps=args.steps, array_type="torch")
     policy = GaussianDenoisingPolicy.from_env(env)
     samples = collect_trajectories(env, policy, generator=torch.Generator(device=device).manual_seed(0), seed=0)
     advantages = batch_normalized_advantages(samples.rewards)
-    optimizer = torch.optim.AdamW(backend.trainable_module().parameters(), lr=1e-6)
+    trainable = policy.add_lora(args.lora_rank).values() if args.lora_rank > 0 else policy.network.parameters()
+    optimizer = torch.optim.AdamW(trainable, lr=1e-6)
     transitions = samples.batch_size * samples.num_steps
     config = DDPOConfig(minibatch_size=args.minibatch)
     generator = torch.Generator().manual_seed(0)

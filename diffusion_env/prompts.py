@@ -102,3 +102,39 @@ def make_prompt_set(prompts: str | Sequence[str] | PromptSet) -> PromptSet:
         f"prompts must be a set name {available_prompt_sets()}, a list of strings or a PromptSet, "
         f"got {type(prompts).__name__}"
     )
+
+
+#: Common animals, the kind of prompt list the DDPO paper trains Stable Diffusion's compressibility
+#: and aesthetic tasks on (Black et al., 2023, Sec. 6.1: 45 common animals, one a prompt).
+ANIMALS: tuple[str, ...] = (
+    "cat", "dog", "horse", "cow", "pig", "sheep", "goat", "chicken", "duck", "rabbit", "mouse", "hamster",
+    "deer", "fox", "wolf", "bear", "lion", "tiger", "leopard", "cheetah", "elephant", "giraffe", "zebra",
+    "monkey", "gorilla", "kangaroo", "koala", "panda", "raccoon", "squirrel", "hedgehog", "otter", "seal",
+    "dolphin", "whale", "shark", "octopus", "turtle", "frog", "snake", "lizard", "owl", "eagle", "parrot",
+    "penguin",
+)
+#: The activities of the paper's prompt-alignment task: "a(n) <animal> <activity>" (Sec. 6.3).
+ACTIVITIES: tuple[str, ...] = ("riding a bike", "playing chess", "washing the dishes")
+
+
+def _with_article(noun: str) -> str:
+    return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
+
+
+def animal_prompts() -> PromptSet:
+    """``"animals"``: one prompt per animal of :data:`ANIMALS`, with ``{"animal": ...}`` metadata."""
+    return PromptSet(list(ANIMALS), [{"animal": animal} for animal in ANIMALS], name="animals")
+
+
+def animal_activity_prompts() -> PromptSet:
+    """``"animal_activities"``: "a(n) <animal> <activity>" for every animal and activity, with metadata."""
+    pairs = [(animal, activity) for animal in ANIMALS for activity in ACTIVITIES]
+    return PromptSet(
+        [f"{_with_article(animal)} {activity}" for animal, activity in pairs],
+        [{"animal": animal, "activity": activity} for animal, activity in pairs],
+        name="animal_activities",
+    )
+
+
+register_prompt_set("animals", animal_prompts)
+register_prompt_set("animal_activities", animal_activity_prompts)

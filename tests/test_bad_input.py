@@ -118,7 +118,7 @@ def test_step_after_the_episode_ended_is_refused(make_env):
         (dict(reward="jpeg_size"), ValueError, r"unknown reward 'jpeg_size'; allowed: \[[^\]]*'jpeg_compressibility'"),
         (dict(reward=42), TypeError, "reward must be a registered name"),
         (dict(model="stable-diffusion-9"), ValueError, r"unknown model 'stable-diffusion-9'; allowed: \[[^\]]*'tiny-random'"),
-        (dict(prompts="animals"), ValueError, r"unknown prompt set 'animals'; allowed: \['scenes_heldout', 'scenes_heldout_several', 'scenes_heldout_three', 'scenes_train', 'scenes_train_several', 'scenes_train_three'\]"),
+        (dict(prompts="plants"), ValueError, r"unknown prompt set 'plants'; allowed: \['animal_activities', 'animals', 'scenes_heldout', 'scenes_heldout_several', 'scenes_heldout_three', 'scenes_train', 'scenes_train_several', 'scenes_train_three'\]"),
         (dict(prompts=[]), ValueError, "one or more prompt strings"),
         (dict(eta=0.0), ScheduleError, "allowed: 0 < eta <= 1"),
         (dict(guidance_scale=float("nan")), ValueError, "guidance_scale=nan is not a finite number"),

@@ -1,7 +1,9 @@
 """Stable Diffusion 1.x and SDXL as environments: test-sized pipelines built offline, loaded by
 folder and as objects, sampled exactly as diffusers samples them, and trained by the agents."""
 
+import json
 import logging
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -12,11 +14,11 @@ from stable_baselines3 import PPO
 from gymnasium.vector import AutoresetMode
 
 from agents import GaussianDenoisingPolicy
-from agents.config import TrainConfig
+from agents.config import TrainConfig, read_config_file
 from agents.sb3 import DiffusionActorCriticPolicy, SB3VecEnvAdapter
 from agents.train import train
 from diffusion_env.backends import StableDiffusionBackend, make_denoiser, registered_name
-from tests.tiny_pipelines import MAX_LENGTH, tiny_stable_diffusion, tiny_stable_diffusion_xl
+from diffusion_env.backends.tiny_pipelines import MAX_LENGTH, tiny_stable_diffusion, tiny_stable_diffusion_xl
 
 STEPS = 3
 PROMPT = "a red cat, 2 dogs"
@@ -125,7 +127,8 @@ def test_the_agents_train_stable_diffusion_with_lora_and_resume_exactly(sd_folde
         return TrainConfig.from_tables({
             "run": {"epochs": epochs, "device": "cpu"},
             "env": {"model": str(sd_folder), "prompts": "scenes_train", "num_envs": 2, "samples_per_prompt": 2,
-                    "batches_per_epoch": 1, "num_inference_steps": 2, "guidance_scale": 2.0},
+                    "batches_per_epoch": 1, "num_inference_steps": 2, "guidance_scale": 2.0, "height": 24,
+                    "negative_prompt": "blurry"},
             "reward": {"name": "colorfulness"},
             "advantages": {"tracker_min_count": 1},
             "optimizer": {"lora_rank": 2, "learning_rate": 1e-2},
@@ -138,6 +141,8 @@ def test_the_agents_train_stable_diffusion_with_lora_and_resume_exactly(sd_folde
     strip = lambda history: [{k: v for k, v in h.items() if k != "charts/epoch_seconds"} for h in history]  # noqa: E731
     assert strip(resumed) == strip(straight)
     assert all(np.isfinite(list(h.values())).all() for h in straight)
+    saved = json.loads((tmp_path / "split" / "checkpoint-0002" / "config.json").read_text())
+    assert saved["env"]["model"] == str(sd_folder) and saved["env"]["height"] == 24
 
 
 def test_sb3_ppo_runs_on_stable_diffusion_named_by_its_folder(sd_folder):
@@ -177,3 +182,18 @@ def test_a_checkpoint_that_is_not_on_disk_is_named_and_nothing_is_downloaded(tmp
         make_denoiser(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="cannot load pipeline 'stable-diffusion-v1-5/stable-diffusion-v1-5'"):
         make_denoiser("sd-1.5")
+
+
+@pytest.mark.parametrize("task", ["aesthetic", "compressibility", "incompressibility", "prompt_alignment"])
+def test_the_papers_stable_diffusion_configs_are_valid_and_run_on_the_tiny_model(task, sd_folder, tmp_path):
+    path = Path(__file__).resolve().parent.parent / "agents" / "configs" / f"sd15_{task}.toml"
+    tables = read_config_file(path)
+    config = TrainConfig.from_tables(tables, source=str(path))
+    assert (config.env.model, config.env.num_inference_steps, config.env.guidance_scale) == ("sd-1.5", 50, 5.0)
+    assert (config.optimizer.lora_rank, config.algorithm.name) == (4, "ddpo-is")
+    assert config.env.prompts in ("animals", "animal_activities")
+    # The same settings on the tiny pipeline, at a few steps and a reward that loads no model.
+    small = {**tables, "run": {"epochs": 1, "device": "cpu"}, "reward": {"name": "jpeg_compressibility"},
+             "env": {**tables["env"], "model": str(sd_folder), "num_inference_steps": 2, "num_envs": 2, "batches_per_epoch": 1}}
+    history = train(TrainConfig.from_tables(small), tmp_path)
+    assert np.isfinite(history[0]["charts/reward_mean"])

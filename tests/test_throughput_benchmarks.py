@@ -30,7 +30,7 @@ def test_env_throughput_prints_the_rates_of_both_paths_and_the_memory_over_episo
 def test_env_throughput_refuses_an_unregistered_model_and_too_short_a_memory_check(capsys):
     with pytest.raises(SystemExit):
         run_main("env_throughput.py", ["--model", "no-such-model"])
-    assert "invalid choice: 'no-such-model'" in capsys.readouterr().err
+    assert "unknown model 'no-such-model'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         run_main("env_throughput.py", ["--model", "tiny-random", "--memory-episodes", "5"])
     assert "allowed: 10 or more" in capsys.readouterr().err

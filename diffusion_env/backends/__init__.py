@@ -46,6 +46,17 @@ def _from_pipeline_source(source: str, **options: Any) -> DenoiserBackend:
 
 for _name, _source in CHECKPOINTS.items():
     MODELS.register(_name, functools.partial(_from_pipeline_source, _source))
+
+
+def _tiny_sd(xl: bool, **options: Any) -> DenoiserBackend:
+    # Imported when built: the pipeline classes load their text and image models' code.
+    from diffusion_env.backends.tiny_pipelines import tiny_sd_backend
+
+    return tiny_sd_backend(xl, **options)
+
+
+MODELS.register("tiny-sd", functools.partial(_tiny_sd, False))
+MODELS.register("tiny-sdxl", functools.partial(_tiny_sd, True))
 _NAMES: weakref.WeakKeyDictionary[object, str] = weakref.WeakKeyDictionary()
 
 

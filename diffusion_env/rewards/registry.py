@@ -174,6 +174,21 @@ def _aesthetic() -> RewardFn:
     return aesthetic_from_environment()
 
 
+#: The image-to-text model of ``prompt_alignment_vlm``: a local folder or hub id (BLIP by default).
+CAPTIONER_ENV_VAR = "DIFFUSION_ENV_CAPTIONER"
+DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-base"
+
+
+def _prompt_alignment_vlm() -> RewardFn:
+    """DDPO's prompt-alignment reward (Black et al., 2023, Sec. 6.3) with a transformers captioner:
+    the model ``$DIFFUSION_ENV_CAPTIONER`` names (default BLIP), asked DDPO's question."""
+    import os
+
+    from diffusion_env.rewards.prompt_alignment import PromptAlignmentReward, TransformersCaptioner
+
+    return PromptAlignmentReward(TransformersCaptioner.from_pretrained(os.environ.get(CAPTIONER_ENV_VAR, DEFAULT_CAPTIONER)))
+
+
 def available_rewards() -> list[str]:
     """The registered reward names (built-in, registered and lazily built ones)."""
     return REWARDS.names()
@@ -365,3 +380,4 @@ def make_reward(reward: str | RewardFn | Reward | Sequence[RewardTerm]) -> Rewar
 
 
 register_factory("aesthetic", _aesthetic)
+register_factory("prompt_alignment_vlm", _prompt_alignment_vlm)

@@ -1,16 +1,20 @@
-"""Test-sized Stable Diffusion and SDXL pipelines, built offline from configs.
+"""Test-sized Stable Diffusion and SDXL pipelines, built offline from configs: ``tiny-sd``, ``tiny-sdxl``.
 
 Every component is the real diffusers or transformers class (UNet, VAE, CLIP text encoders,
-CLIP tokenizer) at a few thousand parameters; the tokenizer's vocabulary is written here (single
-characters, no merges), so nothing is downloaded. The schedulers are the ones the real
-checkpoints ship (PNDM for Stable Diffusion 1.x, Euler for SDXL).
+CLIP tokenizer) at a few thousand parameters and random (seeded) weights; the tokenizer's
+vocabulary is written here (single characters, no merges), so nothing is downloaded. The
+schedulers are the ones the real checkpoints ship (PNDM for Stable Diffusion 1.x, Euler for
+SDXL). Their samples are noise, but every code path of the Stable Diffusion back-end is the real
+one: tests and CPU benchmarks of the machinery run on them in seconds.
 """
 
 from __future__ import annotations
 
 import json
 import string
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import (
@@ -23,7 +27,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-MAX_LENGTH = 16
+MAX_LENGTH = 77
 HIDDEN = 32
 
 
@@ -91,3 +95,14 @@ def tiny_stable_diffusion_xl(folder: Path, seed: int = 0) -> StableDiffusionXLPi
         vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer,
         unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
     )
+
+
+def tiny_sd_backend(xl: bool = False, **options: Any) -> Any:
+    """The registered ``tiny-sd`` (``xl=False``) and ``tiny-sdxl`` models as back-ends; ``options``
+    are :class:`~diffusion_env.backends.stable_diffusion.StableDiffusionBackend`'s."""
+    from diffusion_env.backends.stable_diffusion import StableDiffusionBackend
+
+    # The tokenizer reads its vocabulary files when it is built and keeps it in memory.
+    with tempfile.TemporaryDirectory() as folder:
+        pipeline = (tiny_stable_diffusion_xl if xl else tiny_stable_diffusion)(Path(folder))
+    return StableDiffusionBackend(pipeline, **options)
