@@ -1,16 +1,18 @@
-"""Advantages for DDPO: rewards normalised per prompt or per batch, then clipped.
+"""Advantages: rewards normalised per prompt or per batch (DDPO), or within groups (GRPO), then clipped.
 
 DDPO (Black et al., 2023, App. A) normalises each reward with the mean and standard deviation of
 recent rewards *for the same prompt*, so that prompts that are easy or hard to score do not
 dominate the gradient; until a prompt has been seen often enough it falls back to the statistics
-of the whole batch.
+of the whole batch. GRPO (Shao et al., 2024) compares each sample only with the other samples of
+its prompt drawn in the same batch (its group), with no running statistics.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -22,6 +24,48 @@ def batch_normalized_advantages(rewards: torch.Tensor) -> torch.Tensor:
     """(r - mean(r)) / (std(r) + 1e-6) over the batch."""
     rewards = rewards.to(torch.float32)
     return (rewards - rewards.mean()) / (rewards.std(unbiased=False) + _EPSILON)
+
+
+def group_relative_advantages(
+    rewards: torch.Tensor, groups: torch.Tensor, scale: Literal["group", "batch"] = "group"
+) -> torch.Tensor:
+    """GRPO's advantages (Shao et al., 2024, Sec. 4.1.2): each reward minus its group's mean, divided by a std.
+
+    ``groups`` ``(B,)`` names each sample's group (any integers: equal ones form a group).
+    ``scale="group"`` divides by the group's standard deviation, as GRPO does; ``"batch"`` by the
+    whole batch's, which keeps a group whose rewards barely differ from having its noise blown
+    up to unit scale (the group-std bias that Liu et al., 2025, "Understanding R1-Zero-Like
+    Training", point out). Population standard deviations, plus 1e-6. A group whose rewards are
+    all equal gets advantages 0.
+    """
+    if scale not in ("group", "batch"):
+        raise ValueError(f"scale={scale!r}; allowed: 'group' or 'batch'")
+    if groups.shape != rewards.shape:
+        raise ValueError(f"groups have shape {tuple(groups.shape)}; allowed: one per reward, {tuple(rewards.shape)}")
+    rewards = rewards.to(torch.float32)
+    _, index = torch.unique(groups, return_inverse=True)
+    index = index.to(rewards.device)
+    count = torch.zeros(int(index.max()) + 1, device=rewards.device).index_add_(0, index, torch.ones_like(rewards))
+    mean = torch.zeros_like(count).index_add_(0, index, rewards) / count
+    centred = rewards - mean[index]
+    if scale == "batch":
+        return centred / (rewards.std(unbiased=False) + _EPSILON)
+    std = (torch.zeros_like(count).index_add_(0, index, centred.square()) / count).sqrt()
+    return centred / (std[index] + _EPSILON)
+
+
+def groups_with_spread(rewards: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Per sample ``(B,)`` bool: whether the rewards of its group are not all equal.
+
+    A group of equal rewards (or of one sample) has no relative signal; GRPO variants leave it out
+    of the update (DAPO's dynamic sampling: Yu et al., 2025).
+    """
+    _, index = torch.unique(groups, return_inverse=True)
+    index = index.to(rewards.device)
+    size = int(index.max()) + 1
+    high = torch.full((size,), -math.inf, device=rewards.device).scatter_reduce(0, index, rewards.float(), "amax")
+    low = torch.full((size,), math.inf, device=rewards.device).scatter_reduce(0, index, rewards.float(), "amin")
+    return (high > low)[index]
 
 
 def clip_advantages(advantages: torch.Tensor, max_abs: float) -> torch.Tensor:

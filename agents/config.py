@@ -2,7 +2,7 @@
 
     [run]         epochs, seed, device, checkpoint_every, keep_checkpoints
     [env]         model, prompts or prompt_file, num_inference_steps, eta, guidance_scale,
-                  num_envs, samples_per_prompt, batches_per_epoch
+                  num_envs, samples_per_prompt, batches_per_epoch, shared_noise, branch_step
     [reward]      name, monitor
     [advantages]  per_prompt, tracker_buffer_size, tracker_min_count, clip
     [optimizer]   learning_rate, lora_rank, max_grad_norm
@@ -142,9 +142,28 @@ class EnvSettings(_Table):
     num_envs: int = field(default=16, metadata={"help": "trajectories sampled per batch"})
     samples_per_prompt: int = field(default=1, metadata={"help": "samples of each prompt in a batch (divides num_envs)"})
     batches_per_epoch: int = field(default=4, metadata={"help": "batches sampled per epoch"})
+    shared_noise: bool = field(
+        default=False, metadata={"help": "the samples_per_prompt samples of a prompt start from one x_T (DanceGRPO)"}
+    )
+    branch_step: int = field(
+        default=0,
+        metadata={"help": "the samples of a prompt share their trajectory up to this step and are trained after it "
+                  "(TempFlow-GRPO, BranchGRPO; needs shared_noise); 0: no shared prefix"},
+    )
 
     def validate(self) -> None:
         self._at_least(("num_inference_steps", "num_envs", "samples_per_prompt", "batches_per_epoch"), 1)
+        self._at_least(("branch_step",), 0)
+        if self.branch_step >= self.num_inference_steps:
+            raise ConfigError(
+                f"branch_step={self.branch_step} with num_inference_steps={self.num_inference_steps}; "
+                "allowed: a step before the last, 0 <= branch_step < num_inference_steps"
+            )
+        if self.branch_step > 0 and not self.shared_noise:
+            raise ConfigError(
+                f"branch_step={self.branch_step} needs shared_noise = true (a group shares its trajectory up to the "
+                "branch, x_T included); allowed: shared_noise = true, or branch_step = 0"
+            )
         if self.prompt_file is not None:
             self.prompt_file = str(Path(self.prompt_file).expanduser().resolve())
 
@@ -179,7 +198,10 @@ class RewardSettings(_Table):
 
 @dataclass
 class AdvantageSettings(_Table):
-    """``[advantages]``: rewards normalised per prompt (DDPO, Black et al., 2023, App. A) or per batch, then clipped."""
+    """``[advantages]``: rewards normalised per prompt (DDPO, Black et al., 2023, App. A) or per batch, then clipped.
+
+    An algorithm with its own advantages (GRPO: within each group) uses ``clip`` only.
+    """
 
     per_prompt: bool = field(
         default=True, metadata={"help": "per-prompt reward statistics (else the batch's)", "flag": "per-prompt-advantages"}

@@ -5,8 +5,9 @@
     python -m agents.train --algorithm ddpo-sf --reward jpeg_incompressibility --epochs 5 --output-dir runs/sf
 
 Each epoch collects ``batches_per_epoch`` batches of ``num_envs`` trajectories with the current
-policy, turns rewards into advantages (per-prompt statistics by default) and trains with a
-registered algorithm (:mod:`agents.algorithms`: DDPO-IS, DDPO-SF, RWR). It logs to TensorBoard
+policy, turns rewards into advantages (per-prompt statistics by default, or the algorithm's own:
+GRPO's group statistics) and trains with a registered algorithm (:mod:`agents.algorithms`:
+DDPO-IS, DDPO-SF, RWR, GRPO). It logs to TensorBoard
 (``charts/...``, ``losses/...``, and with ``--monitor`` a second reward scored on the same images
 but not trained on), saves a grid of the epoch's samples with their prompts and rewards,
 checkpoints atomically (:mod:`diffusion_env.checkpoints`), and plots the reward curve.
@@ -157,14 +158,23 @@ class Run:
     def collect(self) -> Trajectories:
         return Trajectories.concatenate(
             [
-                collect_trajectories(self.env, self.policy, generator=self.sample_generator)
+                collect_trajectories(
+                    self.env,
+                    self.policy,
+                    generator=self.sample_generator,
+                    shared_noise=self.config.env.shared_noise,
+                    branch_step=self.config.env.branch_step,
+                )
                 for _ in range(self.config.env.batches_per_epoch)
             ]
         )
 
     def advantages(self, samples: Trajectories) -> torch.Tensor:
-        """The batch's clipped advantages: per-prompt statistics (updating the tracker) or batch ones."""
-        if self.config.advantages.per_prompt:
+        """The batch's clipped advantages: the algorithm's own if it has them (GRPO's group statistics),
+        else per-prompt statistics (updating the tracker) or batch ones."""
+        if self.algorithm.advantages is not None:
+            advantages = self.algorithm.advantages(samples, self.config.algorithm.config)
+        elif self.config.advantages.per_prompt:
             advantages = self.tracker.update(samples.prompts, samples.rewards)
         else:
             advantages = batch_normalized_advantages(samples.rewards)
@@ -180,6 +190,7 @@ class Run:
             generator=self.update_generator,
             max_grad_norm=self.config.optimizer.max_grad_norm,
             reference=self.reference,
+            epoch=self.epoch,
         )
         figures = self.algorithm.update(context, samples, advantages)
         for name, parameter in self.trainable.items():

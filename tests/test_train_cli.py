@@ -79,7 +79,7 @@ def test_help_shows_every_setting_with_its_default(capsys):
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     for shown in ("--epochs EPOCHS training epochs (default: 10)", "AdamW learning rate (default: 0.0003)",
-                  "--lora-rank", "--kl-coefficient", "[ddpo-is, ddpo-sf]", "--rwr-beta", "(default: 1.0)",
+                  "--lora-rank", "--kl-coefficient", "[ddpo-is, ddpo-sf, grpo]", "--rwr-beta", "(default: 1.0)",
                   "--per-prompt-advantages", "(default: true)", "--prompt-file", "--overwrite", "--resume"):
         assert shown in text, shown
 

@@ -4,7 +4,8 @@
 
 The training command (:mod:`agents.train`) finds everything about an algorithm here: its config
 fields become the ``[algorithm]`` table of a config file and command-line flags, and its update
-trains one epoch. A new algorithm is one module that calls :func:`register_algorithm`.
+trains one epoch; an algorithm that needs other advantages than the command's (GRPO's group
+statistics) registers its own. A new algorithm is one module that calls :func:`register_algorithm`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from agents.algorithms.base import UpdateContext
 from agents.rollouts import Trajectories
 
 UpdateFunction = Callable[[UpdateContext, Trajectories, torch.Tensor], dict[str, float]]
+#: ``advantages(samples, config) -> (B,)``: an algorithm's own advantages from an epoch's samples
+#: and its config (e.g. GRPO's, relative to each sample's group).
+AdvantageFunction = Callable[[Trajectories, Any], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,8 @@ class Algorithm:
         fixed: config fields that the name sets (e.g. DDPO's estimator); they cannot be configured.
         uses_reference: whether a config needs the pretrained policy (a KL penalty).
         description: one line for ``--help``.
+        advantages: the algorithm's own advantages ``advantages(samples, config) -> (B,)``; None:
+            the training command's (per-prompt statistics or the batch's, ``[advantages]``).
     """
 
     name: str
@@ -42,6 +48,7 @@ class Algorithm:
     fixed: Mapping[str, Any] = field(default_factory=dict)
     uses_reference: Callable[[Any], bool] = lambda config: False
     description: str = ""
+    advantages: AdvantageFunction | None = None
 
     def fields(self) -> list[dataclasses.Field]:
         """The configurable fields of the algorithm's config (those the name does not fix)."""
@@ -73,6 +80,7 @@ def register_algorithm(
     fixed: Mapping[str, Any] | None = None,
     uses_reference: Callable[[Any], bool] | None = None,
     description: str = "",
+    advantages: AdvantageFunction | None = None,
     overwrite: bool = False,
 ) -> Algorithm:
     """Makes an algorithm available as ``[algorithm] name = "NAME"`` (and ``--algorithm NAME``).
@@ -80,7 +88,8 @@ def register_algorithm(
     Raises:
         ValueError: if ``name`` is taken (and ``overwrite`` is False) or empty, or ``fixed`` names
             no field of ``config_class``.
-        TypeError: if ``config_class`` is not a dataclass or ``update`` is not callable.
+        TypeError: if ``config_class`` is not a dataclass, or ``update`` (or ``advantages``, when
+            given) is not callable.
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"an algorithm name must be a non-empty str, got {name!r}")
@@ -90,11 +99,15 @@ def register_algorithm(
         raise TypeError(f"the config class of algorithm {name!r} must be a dataclass, got {config_class!r}")
     if not callable(update):
         raise TypeError(f"the update of algorithm {name!r} must be callable, got {type(update).__name__}")
+    if advantages is not None and not callable(advantages):
+        raise TypeError(f"the advantages of algorithm {name!r} must be callable or None, got {type(advantages).__name__}")
     fixed = dict(fixed or {})
     names = {f.name for f in dataclasses.fields(config_class)}
     if set(fixed) - names:
         raise ValueError(f"fixed={fixed} names no field of {config_class.__name__}; allowed: {sorted(names)}")
-    algorithm = Algorithm(name, config_class, update, fixed, uses_reference or (lambda config: False), description)
+    algorithm = Algorithm(
+        name, config_class, update, fixed, uses_reference or (lambda config: False), description, advantages
+    )
     _ALGORITHMS[name] = algorithm
     return algorithm
 
