@@ -106,7 +106,10 @@ class GaussianDenoisingPolicy(nn.Module):
         As DDPO fine-tunes Stable Diffusion: rank-``rank`` updates of the attention projections,
         ``lora_alpha = rank`` (scale 1), B initialised to zero so that the policy starts exactly at
         the pretrained one; A is drawn from a generator seeded by ``seed``, so the same seed gives
-        the same adapters. Only the returned parameters require gradients afterwards.
+        the same adapters. The adapters are kept in float32 whatever the network's dtype: the
+        optimiser's small steps on half-precision adapters round away (a back-end whose network is
+        in half precision runs it under autocast). Only the returned parameters require gradients
+        afterwards.
         """
         from peft import LoraConfig
 
@@ -128,7 +131,10 @@ class GaussianDenoisingPolicy(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             network.add_adapter(config)
-        return {name: p for name, p in network.named_parameters() if p.requires_grad}
+        adapters = {name: p for name, p in network.named_parameters() if p.requires_grad}
+        for parameter in adapters.values():
+            parameter.data = parameter.data.float()
+        return adapters
 
     @property
     def has_lora(self) -> bool:

@@ -13,7 +13,7 @@ from diffusers import DDIMScheduler
 from stable_baselines3 import PPO
 from gymnasium.vector import AutoresetMode
 
-from agents import GaussianDenoisingPolicy
+from agents import GaussianDenoisingPolicy, collect_trajectories
 from agents.config import TrainConfig, read_config_file
 from agents.sb3 import DiffusionActorCriticPolicy, SB3VecEnvAdapter
 from agents.train import train
@@ -197,3 +197,22 @@ def test_the_papers_stable_diffusion_configs_are_valid_and_run_on_the_tiny_model
              "env": {**tables["env"], "model": str(sd_folder), "num_inference_steps": 2, "num_envs": 2, "batches_per_epoch": 1}}
     history = train(TrainConfig.from_tables(small), tmp_path)
     assert np.isfinite(history[0]["charts/reward_mean"])
+
+
+def test_half_precision_networks_train_float32_lora_adapters_under_autocast():
+    envs = gym.make_vec("DiffusionDenoise-v0", num_envs=2, model="tiny-sd", prompts=[PROMPT], num_inference_steps=2,
+                        dtype=torch.bfloat16, array_type="torch",
+                        model_options={"gradient_checkpointing": True, "channels_last": True, "frozen_dtype": torch.bfloat16})
+    policy = GaussianDenoisingPolicy.from_env(envs, seed=0)
+    adapters = policy.add_lora(2, seed=0)
+    backend = envs.unwrapped.backend
+    assert backend.dtype == torch.bfloat16 and next(backend.vae.parameters()).dtype == torch.bfloat16
+    assert {p.dtype for p in adapters.values()} == {torch.float32}
+    assert backend.unet.is_gradient_checkpointing
+    trajectories = collect_trajectories(envs, policy, seed=0)
+    observation = trajectories.observations(torch.tensor([0, 1]), torch.tensor([0, 1]))
+    loss = policy.log_prob(observation, trajectories.actions(torch.tensor([0, 1]), torch.tensor([0, 1]))).sum()
+    loss.backward()
+    gradients = [p.grad for p in adapters.values() if p.grad is not None]
+    assert gradients and all(g.dtype == torch.float32 and bool(torch.isfinite(g).all()) for g in gradients)
+    assert any(bool(g.abs().sum() > 0) for g in gradients)

@@ -9,6 +9,7 @@ and time ids for SDXL, a guidance value for FLUX). Back-ends import nothing of t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol, runtime_checkable
@@ -92,6 +93,13 @@ class BackendModule(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return next(self.trainable_module().parameters()).dtype
+
+    def network_precision(self) -> contextlib.AbstractContextManager[object]:
+        """The context a network call runs in: autocast to the network's dtype when that is half
+        precision (so that LoRA adapters kept in float32 mix with half-precision weights), else nothing."""
+        if self.dtype in (torch.float16, torch.bfloat16):
+            return torch.autocast(self.device.type, dtype=self.dtype)
+        return contextlib.nullcontext()
 
     def with_network(self, network: nn.Module) -> BackendModule:
         """A shallow copy of this back-end whose trainable network is ``network``; every other part

@@ -76,15 +76,17 @@ class PixelUNetDenoiser(BackendModule):
         latents = latents.to(self.dtype)
         prompt_embeds = conditioning[PROMPT_EMBEDDING].to(self.dtype)
         if guidance_scale == 1.0:
-            return self.unet(latents, timesteps, encoder_hidden_states=prompt_embeds).sample
+            with self.network_precision():
+                return self.unet(latents, timesteps, encoder_hidden_states=prompt_embeds).sample
         # One network call on the doubled batch [unconditional; conditional], as diffusers' pipelines do.
         batch = latents.shape[0]
         unconditional = self.prompt_encoder([""]).expand(batch, -1, -1)
-        output = self.unet(
-            torch.cat([latents, latents]),
-            torch.cat([timesteps, timesteps]),
-            encoder_hidden_states=torch.cat([unconditional, prompt_embeds]),
-        ).sample
+        with self.network_precision():
+            output = self.unet(
+                torch.cat([latents, latents]),
+                torch.cat([timesteps, timesteps]),
+                encoder_hidden_states=torch.cat([unconditional, prompt_embeds]),
+            ).sample
         output_uncond, output_cond = output.chunk(2)
         return output_uncond + guidance_scale * (output_cond - output_uncond)
 

@@ -74,6 +74,10 @@ class StableDiffusionBackend(BackendModule):
             the pipelines' default; DDPO used 5.0).
         frozen_dtype: the dtype of the VAE and the text encoders (default: the UNet's), e.g.
             ``torch.float16`` on a GPU while the trained UNet (or its LoRA adapters) stays in float32.
+        channels_last: keep the UNet's weights and activations in channels-last memory format
+            (faster convolutions on recent GPUs).
+        gradient_checkpointing: recompute the UNet's activations in the backward pass instead of
+            keeping them (less memory, about a third more compute).
     """
 
     def __init__(
@@ -84,6 +88,8 @@ class StableDiffusionBackend(BackendModule):
         negative_prompt: str = "",
         default_guidance_scale: float = 7.5,
         frozen_dtype: torch.dtype | None = None,
+        channels_last: bool = False,
+        gradient_checkpointing: bool = False,
     ) -> None:
         # Imported here: the pipeline classes load their text and image models' code.
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -107,6 +113,10 @@ class StableDiffusionBackend(BackendModule):
         # The pipeline is kept for its prompt encoding; it holds the same modules as this back-end.
         self.pipeline = pipeline
         self.scheduler = ddim_from(pipeline.scheduler)
+        if channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
         self.negative_prompt = negative_prompt
         self.default_guidance_scale = float(default_guidance_scale)
         self.frozen_dtype = frozen_dtype
@@ -188,7 +198,8 @@ class StableDiffusionBackend(BackendModule):
                 "time_ids": conditioning[TIME_IDS].to(self.dtype),
             }
         hidden = conditioning[PROMPT_EMBEDDING].to(self.dtype)
-        return self.unet(latents, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
+        with self.network_precision():
+            return self.unet(latents, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
 
     def predict(self, latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning, guidance_scale: float) -> torch.Tensor:
         """The UNet's output; with guidance, one call on [negative; conditional] (Ho & Salimans, 2022)."""
