@@ -95,6 +95,11 @@ class UpdateContext:
     epoch: int = 0
 
 
+def has_kl_penalty(config: Any) -> bool:
+    """Whether an algorithm config with a ``kl_coefficient`` asks for a KL penalty, and so the reference policy."""
+    return config.kl_coefficient > 0
+
+
 def clipped_step(optimizer: torch.optim.Optimizer, parameters: list[torch.Tensor], max_grad_norm: float) -> float:
     """Clips the gradient norm to ``max_grad_norm``, steps and zeroes the gradients; returns the norm before clipping.
 

@@ -25,7 +25,14 @@ from typing import Literal
 
 import torch
 
-from agents.algorithms.base import NonFiniteError, ReferencePolicy, UpdateContext, mean_figures, policy_gradient_pass  # noqa: F401  (NonFiniteError: raised by the update)
+from agents.algorithms.base import (  # noqa: F401  (NonFiniteError: raised by the update)
+    NonFiniteError,
+    ReferencePolicy,
+    UpdateContext,
+    has_kl_penalty,
+    mean_figures,
+    policy_gradient_pass,
+)
 from agents.algorithms.registry import register_algorithm
 from agents.losses import importance_sampled_loss, score_function_loss
 from agents.policy import GaussianDenoisingPolicy
@@ -147,15 +154,11 @@ def update(context: UpdateContext, samples: Trajectories, advantages: torch.Tens
     )
 
 
-def _uses_reference(config: DDPOConfig) -> bool:
-    return config.kl_coefficient > 0
-
-
 register_algorithm(
-    "ddpo-is", DDPOConfig, update, fixed={"estimator": "is"}, uses_reference=_uses_reference,
+    "ddpo-is", DDPOConfig, update, fixed={"estimator": "is"}, uses_reference=has_kl_penalty,
     description="DDPO with importance sampling and PPO's clip (Black et al., 2023, eq. 4)",
 )
 register_algorithm(
-    "ddpo-sf", DDPOConfig, update, fixed={"estimator": "sf"}, uses_reference=_uses_reference,
+    "ddpo-sf", DDPOConfig, update, fixed={"estimator": "sf"}, uses_reference=has_kl_penalty,
     description="DDPO's score-function estimator, one step per epoch (Black et al., 2023, eq. 3)",
 )

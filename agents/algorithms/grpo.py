@@ -48,10 +48,9 @@ from typing import Literal
 import torch
 
 from agents.advantages import group_relative_advantages, groups_with_spread
-from agents.algorithms.base import ReferencePolicy, UpdateContext, mean_figures, policy_gradient_pass
+from agents.algorithms.base import UpdateContext, has_kl_penalty, mean_figures, policy_gradient_pass
 from agents.algorithms.registry import register_algorithm
 from agents.losses import importance_sampled_loss
-from agents.policy import GaussianDenoisingPolicy
 from agents.rollouts import Trajectories
 from agents.step_window import StepWindow
 
@@ -137,30 +136,22 @@ def advantages(samples: Trajectories, config: GRPOConfig) -> torch.Tensor:
     return group_relative_advantages(samples.rewards, samples.groups, config.advantage_scale)
 
 
-def grpo_update(
-    policy: GaussianDenoisingPolicy,
-    trajectories: Trajectories,
-    advantages: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
-    config: GRPOConfig,
-    generator: torch.Generator,
-    reference_policy: ReferencePolicy | None = None,
-    max_grad_norm: float = 1.0,
-    epoch: int = 0,
-) -> dict[str, float]:
-    """Trains ``policy`` on one batch; returns the mean of each logged figure (``losses/...``).
+def grpo_update(context: UpdateContext, trajectories: Trajectories, advantages: torch.Tensor) -> dict[str, float]:
+    """The registered update: trains ``context.policy`` on one batch; returns the mean of each logged figure.
 
     The steps trained are the trajectories' :meth:`~agents.rollouts.Trajectories.trained_steps`
-    (the sigma window, from the branch step on) cut to the sliding window of ``epoch``; each
-    sample draws its own ``timestep_fraction`` of them per pass. Besides the objective's figures
-    it logs ``trained_fraction`` (the samples whose group has a reward spread, or all) and
-    ``passes`` (those made before an early stop).
+    (the sigma window, from the branch step on) cut to the sliding window of ``context.epoch``;
+    each sample draws its own ``timestep_fraction`` of them per pass. Besides the objective's
+    figures (``losses/...``) it logs ``trained_fraction`` (the samples whose group has a reward
+    spread, or all) and ``passes`` (those made before an early stop).
 
     Raises:
         NonFiniteError: if a loss or gradient is NaN or inf (nothing is applied then).
         ValueError: if a KL coefficient is set without a reference policy, or no step is left to train.
     """
-    steps = config.sliding_window(trajectories.trained_steps(config.window, policy.sampler), epoch)
+    config: GRPOConfig = context.config
+    policy = context.policy
+    steps = config.sliding_window(trajectories.trained_steps(config.window, policy.sampler), context.epoch)
     if config.skip_zero_spread:
         samples = torch.nonzero(groups_with_spread(trajectories.rewards, trajectories.groups).cpu()).flatten()
     else:
@@ -183,12 +174,12 @@ def grpo_update(
     for _ in range(config.inner_epochs):
         passes += 1
         # Each sample its own random subset of the steps.
-        order = torch.argsort(torch.rand(len(samples), len(steps), generator=generator), dim=1)[:, :num_train_steps]
-        minibatches = list(trajectories.minibatches(config.minibatch_size, generator, steps[order], samples))
+        order = torch.argsort(torch.rand(len(samples), len(steps), generator=context.generator), dim=1)[:, :num_train_steps]
+        minibatches = list(trajectories.minibatches(config.minibatch_size, context.generator, steps[order], samples))
         stopped = policy_gradient_pass(
-            policy, optimizer, trajectories, minibatches, objective, figures, name="GRPO",
-            accumulation=config.gradient_accumulation, max_grad_norm=max_grad_norm,
-            kl_coefficient=config.kl_coefficient, reference=reference_policy, target_kl=config.target_kl,
+            policy, context.optimizer, trajectories, minibatches, objective, figures, name="GRPO",
+            accumulation=config.gradient_accumulation, max_grad_norm=context.max_grad_norm,
+            kl_coefficient=config.kl_coefficient, reference=context.reference, target_kl=config.target_kl,
         )
         if stopped:
             break
@@ -200,26 +191,7 @@ def grpo_update(
     }
 
 
-def update(context: UpdateContext, samples: Trajectories, advantages: torch.Tensor) -> dict[str, float]:
-    """The registered update: :func:`grpo_update` with the context's policy, optimiser, reference and epoch."""
-    return grpo_update(
-        context.policy,
-        samples,
-        advantages,
-        context.optimizer,
-        context.config,
-        context.generator,
-        context.reference,
-        context.max_grad_norm,
-        context.epoch,
-    )
-
-
-def _uses_reference(config: GRPOConfig) -> bool:
-    return config.kl_coefficient > 0
-
-
 register_algorithm(
-    "grpo", GRPOConfig, update, uses_reference=_uses_reference, advantages=advantages,
+    "grpo", GRPOConfig, grpo_update, uses_reference=has_kl_penalty, advantages=advantages,
     description="GRPO: group-relative advantages, clipped ratio, KL to the pretrained policy (Shao et al., 2024; Flow-GRPO)",
 )
