@@ -63,6 +63,11 @@ class Registry(Generic[T]):
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 
+    def for_instance(self, value: object) -> T | None:
+        """The entry registered under the name of ``value``'s class or of its nearest base class
+        (registries of back-ends by pipeline class, of samplers by scheduler class), or None."""
+        return next((self._entries[kind.__name__] for kind in type(value).__mro__ if kind.__name__ in self._entries), None)
+
     def get(self, name: str, also_allowed: str = "") -> T:
         """The entry of ``name``.
 

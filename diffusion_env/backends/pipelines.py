@@ -16,33 +16,29 @@ from typing import Any
 from diffusers import DiffusionPipeline
 
 from diffusion_env.backends.base import DenoiserBackend
+from diffusion_env.registry import Registry
 
 PipelineBackendFactory = Callable[..., DenoiserBackend]
 
 #: Pipeline class name -> back-end factory. Keyed by name, so that registering costs no import of
 #: the pipeline classes (which load their text and image models' code).
-_BY_PIPELINE: dict[str, PipelineBackendFactory] = {}
+PIPELINE_BACKENDS: Registry[PipelineBackendFactory] = Registry("pipeline back-end")
 
 
 def register_pipeline_backend(pipeline_class: str, factory: PipelineBackendFactory, overwrite: bool = False) -> None:
     """Makes ``factory(pipeline, **options)`` the back-end of pipelines of the class named
     ``pipeline_class`` (or a subclass of it), e.g. ``"StableDiffusionPipeline"``."""
-    if not callable(factory):
-        raise TypeError(f"the back-end of {pipeline_class} must be callable, got {type(factory).__name__}")
-    if pipeline_class in _BY_PIPELINE and not overwrite:
-        raise ValueError(f"{pipeline_class} already has a back-end; pass overwrite=True to replace it")
-    _BY_PIPELINE[pipeline_class] = factory
+    PIPELINE_BACKENDS.register(pipeline_class, factory, overwrite)
 
 
 def supported_pipelines() -> list[str]:
     """The names of the pipeline classes a back-end is registered for."""
-    return sorted(_BY_PIPELINE)
+    return PIPELINE_BACKENDS.names()
 
 
 def backend_for_pipeline(pipeline: DiffusionPipeline, **options: Any) -> DenoiserBackend:
     """The back-end of ``pipeline``'s class, built with ``options`` (e.g. ``height``, ``negative_prompt``)."""
-    lineage = [kind.__name__ for kind in type(pipeline).__mro__]
-    factory = next((_BY_PIPELINE[name] for name in lineage if name in _BY_PIPELINE), None)
+    factory = PIPELINE_BACKENDS.for_instance(pipeline)
     if factory is None:
         raise TypeError(f"no back-end for a {type(pipeline).__name__}; allowed: {supported_pipelines()}")
     return factory(pipeline, **options)

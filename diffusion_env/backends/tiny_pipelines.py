@@ -56,16 +56,20 @@ def _vae() -> AutoencoderKL:
     )
 
 
+def _unet(**changes: Any) -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4, attention_head_dim=4, **changes,
+    )
+
+
 def tiny_stable_diffusion(folder: Path, seed: int = 0) -> StableDiffusionPipeline:
     """A Stable Diffusion 1.x pipeline of 16x16 images (8x8x4 latents)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         tokenizer = character_tokenizer(folder / "tokenizer-files")
-        unet = UNet2DConditionModel(
-            sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=HIDDEN, norm_num_groups=4, attention_head_dim=4,
-        )
+        unet = _unet(cross_attention_dim=HIDDEN)
         text_encoder = CLIPTextModel(_text_config(tokenizer))
         vae = _vae()
     scheduler = PNDMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, skip_prk_steps=True,
@@ -81,11 +85,9 @@ def tiny_stable_diffusion_xl(folder: Path, seed: int = 0) -> StableDiffusionXLPi
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         tokenizer = character_tokenizer(folder / "tokenizer-files")
-        unet = UNet2DConditionModel(
-            sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=2 * HIDDEN, norm_num_groups=4, attention_head_dim=4,
-            addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + HIDDEN,
+        unet = _unet(
+            cross_attention_dim=2 * HIDDEN, addition_embed_type="text_time", addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + HIDDEN,
         )
         text_encoder = CLIPTextModel(_text_config(tokenizer))
         text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer, projection_dim=HIDDEN))

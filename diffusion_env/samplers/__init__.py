@@ -13,7 +13,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from diffusion_env.samplers.base import GaussianSampler, Sampler, ScheduleError
@@ -24,7 +23,10 @@ from diffusion_env.samplers.ddim_ddpm import GaussianTransition
 SamplerFactory = Callable[..., Sampler]
 
 SAMPLERS: Registry[SamplerFactory] = Registry("sampler", {"ddim_ddpm": GaussianTransition})
-_BY_SCHEDULER: dict[type, SamplerFactory] = {DDIMScheduler: GaussianTransition, DDPMScheduler: GaussianTransition}
+#: Scheduler class name -> the default sampler of back-ends with that scheduler.
+SCHEDULER_SAMPLERS: Registry[SamplerFactory] = Registry(
+    "scheduler's sampler", {"DDIMScheduler": GaussianTransition, "DDPMScheduler": GaussianTransition}
+)
 
 
 def register_sampler(name: str, factory: SamplerFactory, overwrite: bool = False) -> None:
@@ -32,13 +34,10 @@ def register_sampler(name: str, factory: SamplerFactory, overwrite: bool = False
     SAMPLERS.register(name, factory, overwrite)
 
 
-def register_scheduler_sampler(scheduler_type: type, factory: SamplerFactory, overwrite: bool = False) -> None:
-    """Makes ``factory`` the default sampler of back-ends whose scheduler is a ``scheduler_type``."""
-    if not callable(factory):
-        raise TypeError(f"the sampler of {scheduler_type.__name__} must be callable, got {type(factory).__name__}")
-    if scheduler_type in _BY_SCHEDULER and not overwrite:
-        raise ValueError(f"{scheduler_type.__name__} already has a sampler; pass overwrite=True to replace it")
-    _BY_SCHEDULER[scheduler_type] = factory
+def register_scheduler_sampler(scheduler_class: str, factory: SamplerFactory, overwrite: bool = False) -> None:
+    """Makes ``factory`` the default sampler of back-ends whose scheduler is of the class named
+    ``scheduler_class`` (or a subclass of it), e.g. ``"FlowMatchEulerDiscreteScheduler"``."""
+    SCHEDULER_SAMPLERS.register(scheduler_class, factory, overwrite)
 
 
 def available_samplers() -> list[str]:
@@ -66,12 +65,11 @@ def make_sampler(
         ValueError: for an unknown name; ScheduleError: for a scheduler with no sampler.
     """
     if sampler is None:
-        factory = next((f for kind, f in _BY_SCHEDULER.items() if isinstance(scheduler, kind)), None)
+        factory = SCHEDULER_SAMPLERS.for_instance(scheduler)
         if factory is None:
             raise ScheduleError(
                 f"scheduler {type(scheduler).__name__} has no registered sampler; allowed: a scheduler of "
-                f"{sorted(kind.__name__ for kind in _BY_SCHEDULER)}, or sampler= one of {available_samplers()} "
-                "or a factory"
+                f"{SCHEDULER_SAMPLERS.names()}, or sampler= one of {available_samplers()} or a factory"
             )
     elif isinstance(sampler, str):
         factory = SAMPLERS.get(sampler, " or a factory")
