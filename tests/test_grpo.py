@@ -3,6 +3,10 @@
 import copy
 import dataclasses
 import math
+import runpy
+import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -297,3 +301,18 @@ def test_branching_settings_are_checked_with_the_config():
     with pytest.raises(ConfigError, match="allowed: a step before the last"):
         _config({"shared_noise": True, "branch_step": NUM_STEPS}, {})
     assert _config({}, {"advantage_scale": "batch"}).to_tables()["algorithm"]["advantage_scale"] == "batch"
+
+
+def test_the_example_algorithm_module_registers_and_trains(monkeypatch, capsys):
+    from agents.algorithms import unregister_algorithm
+
+    example = Path(__file__).parent.parent / "examples" / "own_algorithm.py"
+    monkeypatch.setattr(sys, "argv", ["own_algorithm.py", "--epochs", "1"])
+    try:
+        module = runpy.run_path(str(example), run_name="__main__")
+        samples = SimpleNamespace(rewards=torch.tensor([1.0, 2.0, 6.0, 0.0, 4.0]), groups=torch.tensor([0, 0, 0, 1, 1]))
+        # 1 - (2 + 6) / 2, 2 - (1 + 6) / 2, 6 - (1 + 2) / 2; 0 - 4, 4 - 0.
+        assert module["leave_one_out"](samples, None).tolist() == [-3.0, -1.5, 4.5, -4.0, 4.0]
+    finally:
+        unregister_algorithm("rloo")
+    assert "epoch 1: mean reward" in capsys.readouterr().out
