@@ -130,7 +130,11 @@ class EnvSettings(_Table):
 
     model: str | DenoiserBackend | None = field(
         default=None,
-        metadata={"help": "registered model name; in code also a back-end built by make_denoiser", "default": "the env's, shapes32"},
+        metadata={
+            "help": "registered model name (e.g. shapes32, sd-1.5), hub id or pipeline folder; in code also a back-end "
+            "built by make_denoiser",
+            "default": "the env's, shapes32",
+        },
     )
     prompts: str = field(default="scenes_train", metadata={"help": "registered prompt-set name"})
     prompt_file: str | None = field(
@@ -149,6 +153,11 @@ class EnvSettings(_Table):
         default=0,
         metadata={"help": "the samples of a prompt share their trajectory up to this step and are trained after it "
                   "(TempFlow-GRPO, BranchGRPO; needs shared_noise); 0: no shared prefix"},
+    )
+    height: int | None = field(default=None, metadata={"help": "image height (Stable Diffusion)", "default": "the model's"})
+    width: int | None = field(default=None, metadata={"help": "image width (Stable Diffusion)", "default": "the model's"})
+    negative_prompt: str | None = field(
+        default=None, metadata={"help": "prompt of the unconditional branch of guidance (Stable Diffusion)", "default": "empty"}
     )
 
     def validate(self) -> None:

@@ -91,6 +91,9 @@ class Run:
             device=device,
             array_type="torch",
             samples_per_prompt=env_config.samples_per_prompt,
+            height=env_config.height,
+            width=env_config.width,
+            negative_prompt=env_config.negative_prompt,
             **model_kwargs,
         )
         self.env.reset(seed=config.run.seed)
