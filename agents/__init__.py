@@ -10,6 +10,7 @@ from agents.algorithms import (
     register_algorithm,
 )
 from agents.algorithms.ddpo import DDPOConfig, ddpo_update
+from agents.algorithms.grpo import GRPOConfig
 from agents.algorithms.rwr import RWRConfig, rwr_update
 from agents.policy import GaussianDenoisingPolicy
 from agents.rollouts import Trajectories, collect_trajectories
@@ -17,6 +18,7 @@ from agents.step_window import StepWindow
 
 __all__ = [
     "DDPOConfig",
+    "GRPOConfig",
     "GaussianDenoisingPolicy",
     "NonFiniteError",
     "PerPromptStatTracker",
