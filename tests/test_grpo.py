@@ -74,10 +74,10 @@ def test_the_sliding_window_moves_by_its_stride_every_few_epochs_and_wraps():
     ("values", "message"),
     [
         ({"advantage_scale": "prompt"}, "advantage_scale='prompt'; allowed: 'group' or 'batch'"),
-        ({"target_kl": 0.0}, "target_kl=0.0; allowed: > 0"),
-        ({"window_size": -1}, "window_size=-1; allowed: an int >= 0"),
-        ({"window_shift_every": 0}, "window_shift_every=0; allowed: an int >= 1"),
-        ({"timestep_fraction": 0.0}, r"timestep_fraction=0.0; allowed: \(0, 1\]"),
+        ({"target_kl": 0.0}, "target_kl=0 is out of range; allowed: 0 < target_kl"),
+        ({"window_size": -1}, "window_size=-1 is out of range; allowed: an integer 0 <= window_size"),
+        ({"window_shift_every": 0}, "window_shift_every=0 is out of range; allowed: an integer 1 <= window_shift_every"),
+        ({"timestep_fraction": 0.0}, "timestep_fraction=0 is out of range; allowed: 0 < timestep_fraction <= 1"),
     ],
 )
 def test_grpo_refuses_settings_out_of_range(values, message):

@@ -53,6 +53,7 @@ from agents.algorithms.registry import register_algorithm
 from agents.losses import importance_sampled_loss
 from agents.rollouts import Trajectories
 from agents.step_window import StepWindow
+from diffusion_env.validation import check_float, check_int
 
 
 @dataclass
@@ -88,20 +89,14 @@ class GRPOConfig:
     def __post_init__(self) -> None:
         if self.advantage_scale not in ("group", "batch"):
             raise ValueError(f"advantage_scale={self.advantage_scale!r}; allowed: 'group' or 'batch'")
-        if not self.clip_range > 0:
-            raise ValueError(f"clip_range={self.clip_range}; allowed: > 0")
-        if not self.kl_coefficient >= 0:
-            raise ValueError(f"kl_coefficient={self.kl_coefficient}; allowed: >= 0")
-        if not self.target_kl > 0:
-            raise ValueError(f"target_kl={self.target_kl}; allowed: > 0 (inf: no early stop)")
-        if not 0.0 < self.timestep_fraction <= 1.0:
-            raise ValueError(f"timestep_fraction={self.timestep_fraction}; allowed: (0, 1]")
+        check_float("clip_range", self.clip_range, 0.0, exclusive_minimum=True)
+        check_float("kl_coefficient", self.kl_coefficient, 0.0)
+        check_float("target_kl", self.target_kl, 0.0, exclusive_minimum=True, allow_infinity=True)  # inf: no early stop
+        check_float("timestep_fraction", self.timestep_fraction, 0.0, 1.0, exclusive_minimum=True)
         StepWindow(self.min_sigma, self.max_sigma)  # refuses an empty or inverted window
         for name in ("inner_epochs", "minibatch_size", "gradient_accumulation", "window_stride", "window_shift_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}; allowed: an int >= 1")
-        if self.window_size < 0:
-            raise ValueError(f"window_size={self.window_size}; allowed: an int >= 0 (0: every step)")
+            check_int(name, getattr(self, name), 1)
+        check_int("window_size", self.window_size, 0)  # 0: every step
 
     @property
     def window(self) -> StepWindow:
