@@ -2,7 +2,8 @@
 
 :func:`make_sampler` builds the sampler of a back-end's scheduler: a registered name picks one
 explicitly; otherwise the scheduler's type does (``DDIMScheduler`` and ``DDPMScheduler`` give
-:class:`GaussianTransition`). A new sampler is one module that subclasses
+:class:`GaussianTransition`, ``FlowMatchEulerDiscreteScheduler`` the flow SDE of
+:class:`FlowSampler`). A new sampler is one module that subclasses
 :class:`~diffusion_env.samplers.base.GaussianSampler` and one call of :func:`register_sampler`
 (by name) or :func:`register_scheduler_sampler` (as the default of a scheduler type).
 """
@@ -18,14 +19,16 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusion_env.samplers.base import GaussianSampler, Sampler, ScheduleError
 from diffusion_env.registry import Registry
 from diffusion_env.samplers.ddim_ddpm import GaussianTransition
+from diffusion_env.samplers.flow import FlowSampler
 
 #: ``factory(scheduler, num_inference_steps, device=..., **options) -> Sampler``.
 SamplerFactory = Callable[..., Sampler]
 
-SAMPLERS: Registry[SamplerFactory] = Registry("sampler", {"ddim_ddpm": GaussianTransition})
+SAMPLERS: Registry[SamplerFactory] = Registry("sampler", {"ddim_ddpm": GaussianTransition, "flow": FlowSampler})
 #: Scheduler class name -> the default sampler of back-ends with that scheduler.
 SCHEDULER_SAMPLERS: Registry[SamplerFactory] = Registry(
-    "scheduler's sampler", {"DDIMScheduler": GaussianTransition, "DDPMScheduler": GaussianTransition}
+    "scheduler's sampler",
+    {"DDIMScheduler": GaussianTransition, "DDPMScheduler": GaussianTransition, "FlowMatchEulerDiscreteScheduler": FlowSampler},
 )
 
 
@@ -85,6 +88,7 @@ def make_sampler(
 
 __all__ = [
     "SAMPLERS",
+    "FlowSampler",
     "GaussianSampler",
     "GaussianTransition",
     "Sampler",
