@@ -220,13 +220,18 @@ class Run:
             return
         self.warned_no_signal = True
         cause = "every advantage is 0" if not bool(advantages.any()) else "the gradient norm is 0"
-        warnings.warn(
-            f"epoch {self.epoch + 1}: the update had no learning signal ({cause}). With per-prompt advantages a "
-            "prompt is normalised by its own rewards once it has tracker_min_count of them, and rewards that are all "
-            "equal give 0; allowed remedies: more samples_per_prompt, a larger tracker_min_count, or "
-            "per_prompt = false in [advantages]",
-            stacklevel=2,
-        )
+        if self.algorithm.advantages is not None:
+            remedy = (
+                f"the {self.algorithm.name} advantages compare the samples of each prompt, and a group whose rewards are "
+                "all equal gives 0; allowed remedies: more samples_per_prompt, or a reward that tells the samples apart"
+            )
+        else:
+            remedy = (
+                "with per-prompt advantages a prompt is normalised by its own rewards once it has tracker_min_count of "
+                "them, and rewards that are all equal give 0; allowed remedies: more samples_per_prompt, a larger "
+                "tracker_min_count, or per_prompt = false in [advantages]"
+            )
+        warnings.warn(f"epoch {self.epoch + 1}: the update had no learning signal ({cause}); {remedy}", stacklevel=2)
 
     def monitor_figures(self, samples: Trajectories) -> dict[str, float]:
         """The monitoring reward's mean on the epoch's images, and the mean of each of its details
@@ -277,16 +282,15 @@ def resume_differences(saved: TrainConfig, given: TrainConfig) -> list[str]:
 
 def save_sample_grid(samples: Trajectories, decode: Any, path: Path, count: int = 16) -> None:
     """A grid of the first ``count`` final images with their prompts and rewards (matplotlib)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A Figure of its own, not pyplot's: the process's plotting backend (a notebook's) is untouched.
+    from matplotlib.figure import Figure
 
     count = min(count, samples.batch_size)
     images = decode(samples.latents[:count, -1]).cpu().numpy()
     columns = min(4, count)
     rows = math.ceil(count / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.3 * rows), squeeze=False)
+    figure = Figure(figsize=(3 * columns, 3.3 * rows))
+    axes = figure.subplots(rows, columns, squeeze=False)
     for axis in axes.flat:
         axis.axis("off")
     for i in range(count):
@@ -295,21 +299,18 @@ def save_sample_grid(samples: Trajectories, decode: Any, path: Path, count: int 
         axis.set_title(f"{samples.prompts[i]}\nreward {float(samples.rewards[i]):.3f}", fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)
 
 
 def save_reward_curve(history: list[dict[str, float]], path: Path) -> None:
     """Mean reward (with one standard deviation) per epoch; beside it the monitored figures, if any."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     epochs = np.arange(1, len(history) + 1)
     mean = np.array([h["charts/reward_mean"] for h in history])
     std = np.array([h["charts/reward_std"] for h in history])
     monitored = sorted({key for h in history for key in h if key.startswith("charts/monitor/")})
-    figure, axes = plt.subplots(1, 2 if monitored else 1, figsize=(11 if monitored else 6, 4), squeeze=False)
+    figure = Figure(figsize=(11 if monitored else 6, 4))
+    axes = figure.subplots(1, 2 if monitored else 1, squeeze=False)
     axis = axes[0, 0]
     axis.plot(epochs, mean, marker="o")
     axis.fill_between(epochs, mean - std, mean + std, alpha=0.2)
@@ -327,7 +328,6 @@ def save_reward_curve(history: list[dict[str, float]], path: Path) -> None:
         axis.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)
 
 
 # ---------------------------------------------------------------------------- training
