@@ -55,3 +55,19 @@ def make_vec_env():
     yield factory
     for env in made:
         env.close()
+
+
+@pytest.fixture
+def trained_steps(monkeypatch):
+    """The sorted step indices each call of ``Trajectories.minibatches`` was given, recorded in a list."""
+    from agents.rollouts import Trajectories
+
+    recorded = []
+    original = Trajectories.minibatches
+
+    def recording(self, size, generator, steps=None, *args, **kwargs):
+        recorded.append(sorted(steps.tolist()))
+        return original(self, size, generator, steps, *args, **kwargs)
+
+    monkeypatch.setattr(Trajectories, "minibatches", recording)
+    return recorded

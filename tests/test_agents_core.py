@@ -211,7 +211,7 @@ def test_rwr_weights_come_from_the_given_scores_in_place_of_the_rewards(make_vec
         rwr_update(policy, trajectories, optimizer, config, torch.Generator(), torch.zeros(3))
 
 
-def test_min_and_max_sigma_pick_the_window_of_steps_trained_on(make_vec_env, monkeypatch):
+def test_min_and_max_sigma_pick_the_window_of_steps_trained_on(make_vec_env, trained_steps):
     from agents.algorithms.ddpo import DDPOConfig, ddpo_update
 
     env = make_vec_env(num_envs=2, array_type="torch")
@@ -219,14 +219,6 @@ def test_min_and_max_sigma_pick_the_window_of_steps_trained_on(make_vec_env, mon
     trajectories = collect_trajectories(env, policy, generator=torch.Generator().manual_seed(0), seed=0)
     sigma = policy.sampler.sigma.cpu()
     ascending = sigma.sort().values
-    trained_steps = []
-    original = Trajectories.minibatches
-
-    def recording(self, size, generator, steps=None):
-        trained_steps.append(sorted(steps.tolist()))
-        return original(self, size, generator, steps)
-
-    monkeypatch.setattr(Trajectories, "minibatches", recording)
     optimizer = torch.optim.AdamW(policy.backend.unet.parameters(), lr=1e-4)
     advantages = torch.tensor([1.0, -1.0])
     # min_sigma at the second smallest sigma_t leaves out the step with the smallest one only,

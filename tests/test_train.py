@@ -203,17 +203,7 @@ def test_an_update_without_signal_warns_once(tmp_path):
         Run(tiny()).train_epoch()
 
 
-def test_training_steps_come_from_the_step_window(monkeypatch):
-    from agents.rollouts import Trajectories
-
-    trained_steps = []
-    original = Trajectories.minibatches
-
-    def recording(self, size, generator, steps=None):
-        trained_steps.append(sorted(steps.tolist()))
-        return original(self, size, generator, steps)
-
-    monkeypatch.setattr(Trajectories, "minibatches", recording)
+def test_training_steps_come_from_the_step_window(trained_steps):
     run = Run(tiny(env={"num_inference_steps": NUM_STEPS}))
     sigma = run.policy.sampler.sigma.cpu()
     run.config.algorithm.config.min_sigma = float(sigma.sort().values[1])
