@@ -20,6 +20,7 @@ import gymnasium as gym
 import torch
 
 from agents.policy import GaussianDenoisingPolicy
+from diffusion_env.validation import check_int
 from agents.step_window import StepWindow
 from diffusion_env.samplers import Sampler
 
@@ -176,8 +177,7 @@ def collect_trajectories(
             "collect_trajectories needs a DiffusionDenoise vector env made with array_type='torch'"
         )
     num_steps = unwrapped.num_inference_steps
-    if isinstance(branch_step, bool) or not isinstance(branch_step, int) or not 0 <= branch_step < num_steps:
-        raise ValueError(f"branch_step={branch_step!r}; allowed: an int in [0, {num_steps}) (the env's K = {num_steps})")
+    branch_step = check_int("branch_step", branch_step, 0, num_steps - 1)  # a step before the env's last
     if branch_step > 0 and not shared_noise:
         raise ValueError(
             f"branch_step={branch_step} without shared_noise: a group shares its trajectory up to the branch, "

@@ -158,7 +158,7 @@ def test_branched_groups_share_their_prefix_and_differ_after_it(make_vec_env):
         trajectories.trained_steps(StepWindow(min_sigma=float(policy.sampler.sigma[1])), policy.sampler)
     with pytest.raises(ValueError, match="allowed: shared_noise=True, or branch_step=0"):
         collect_trajectories(env, policy, branch_step=1)
-    with pytest.raises(ValueError, match=r"branch_step=4; allowed: an int in \[0, 4\)"):
+    with pytest.raises(ValueError, match=r"branch_step=4 is out of range; allowed: an integer 0 <= branch_step <= 3"):
         collect_trajectories(env, policy, shared_noise=True, branch_step=NUM_STEPS)
     # Groups keep apart when batches are concatenated.
     both = Trajectories.concatenate([trajectories, trajectories])

@@ -28,6 +28,7 @@ from torch import nn
 
 from diffusion_env.backends.base import BackendModule, Conditioning
 from diffusion_env.backends.pixel_unet import PROMPT_EMBEDDING
+from diffusion_env.validation import check_int
 
 logger = logging.getLogger(__name__)
 
@@ -123,9 +124,10 @@ class StableDiffusionBackend(BackendModule):
         scale = pipeline.vae_scale_factor
         height = self.unet.config.sample_size * scale if height is None else height
         width = self.unet.config.sample_size * scale if width is None else width
+        height, width = (check_int(name, size, scale) for name, size in (("height", height), ("width", width)))
         for name, size in (("height", height), ("width", width)):
-            if isinstance(size, bool) or not isinstance(size, int) or size < scale or size % scale:
-                raise ValueError(f"{name}={size!r}; allowed: a positive multiple of the VAE's scale factor {scale}")
+            if size % scale:
+                raise ValueError(f"{name}={size}; allowed: a positive multiple of the VAE's scale factor {scale}")
         self.height, self.width = height, width
         self.latent_shape: tuple[int, int, int] = (self.unet.config.in_channels, height // scale, width // scale)
         length = pipeline.tokenizer.model_max_length
