@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.distributions import Independent, Normal
 
-from diffusion_env.backends import DenoiserBackend
+from diffusion_env.backends import BackendModule, DenoiserBackend
 from diffusion_env.samplers import Sampler
 
 Observation = Mapping[str, Any]
@@ -84,6 +84,21 @@ class GaussianDenoisingPolicy(nn.Module):
                 "made with gym.make('DiffusionDenoise-v0') or gym.make_vec('DiffusionDenoise-v0')"
             )
         return cls(env.backend, env.sampler, env.guidance_scale, seed=seed)
+
+    def over_network(self, network: nn.Module) -> GaussianDenoisingPolicy:
+        """This policy (same sampler and guidance) over the same back-end whose network call runs
+        ``network`` instead: e.g. the network wrapped for data-parallel training, which shares its
+        parameters. Every other part of the back-end is shared (:meth:`BackendModule.with_network`).
+
+        Raises:
+            TypeError: if the back-end is not a :class:`~diffusion_env.backends.BackendModule`.
+        """
+        if not isinstance(self.backend, BackendModule):
+            raise TypeError(
+                f"the back-end {type(self.backend).__name__} is not a diffusion_env.backends.BackendModule, whose "
+                "network can be swapped; allowed: a back-end built on BackendModule"
+            )
+        return type(self)(self.backend.with_network(network), self.sampler, self.guidance_scale)
 
     def seed(self, seed: int) -> None:
         """Re-seeds the policy's generator (on the back-end's device)."""

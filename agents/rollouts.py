@@ -25,6 +25,31 @@ from agents.step_window import StepWindow
 from diffusion_env.samplers import Sampler
 
 
+@dataclass(frozen=True)
+class Outcomes:
+    """What a batch of samples ended with, without their latents: what advantages are computed from.
+
+    In a run of several processes the training command gathers every process's outcomes (in
+    rank order, groups renumbered so that they stay apart) and computes the advantages of the
+    whole batch; each process then trains on its own share.
+
+    Attributes:
+        rewards: ``(B,)`` float32, the final rewards.
+        groups: ``(B,)`` long, the group of each sample (equal numbers: samples of one prompt drawn together).
+        prompts: B prompt strings.
+        metadata: the prompts' metadata, as the reward received it.
+    """
+
+    rewards: torch.Tensor
+    groups: torch.Tensor
+    prompts: list[str]
+    metadata: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def batch_size(self) -> int:
+        return self.rewards.shape[0]
+
+
 @dataclass
 class Trajectories:
     """B trajectories of K steps, on the policy's device.
@@ -87,6 +112,10 @@ class Trajectories:
     @property
     def batch_size(self) -> int:
         return self.latents.shape[0]
+
+    def outcomes(self) -> Outcomes:
+        """The samples' rewards, groups, prompts and metadata."""
+        return Outcomes(self.rewards, self.groups, list(self.prompts), list(self.metadata))
 
     @property
     def num_steps(self) -> int:

@@ -12,6 +12,9 @@ DDPO-IS, DDPO-SF, RWR, GRPO). It logs to TensorBoard
 but not trained on), saves a grid of the epoch's samples with their prompts and rewards,
 checkpoints atomically (:mod:`diffusion_env.checkpoints`), and plots the reward curve.
 
+Launched by ``accelerate launch`` (``--multi_gpu --num_processes N``, or an accelerate config
+file), it trains data-parallel over N processes (:mod:`agents.distributed`).
+
 ``--resume`` continues the run in ``--output-dir`` exactly: its saved config is the default, and
 a setting given on the command line that differs from the saved one is refused, except
 ``epochs``, ``checkpoint_every`` and ``keep_checkpoints``. A folder that holds a run is not
@@ -46,8 +49,9 @@ from agents.config import (
     read_config_file,
     tables_from_flags,
 )
+from agents.distributed import Processes, launched_processes
 from agents.policy import GaussianDenoisingPolicy
-from agents.rollouts import Trajectories, collect_trajectories
+from agents.rollouts import Outcomes, Trajectories, collect_trajectories
 from diffusion_env import checkpoints
 from diffusion_env.prompts import PromptSet
 from diffusion_env.rewards import make_reward
@@ -73,9 +77,12 @@ class Run:
             fine-tuned model).
     """
 
-    def __init__(self, config: TrainConfig, *, reference: bool = True) -> None:
+    def __init__(self, config: TrainConfig, *, reference: bool = True, processes: Processes | None = None) -> None:
         self.config = config
         device = str(check_device(config.run.device))
+        self.processes = processes or launched_processes(device)
+        device = self.processes.device(device)
+        seed = self.processes.seed(config.run.seed)
         self.algorithm = get_algorithm(config.algorithm.name)
         env_config = config.env
         prompts = env_config.prompts if env_config.prompt_file is None else PromptSet.from_file(env_config.prompt_file)
@@ -96,7 +103,7 @@ class Run:
             negative_prompt=env_config.negative_prompt,
             **model_kwargs,
         )
-        self.env.reset(seed=config.run.seed)
+        self.env.reset(seed=seed)
         self.policy = GaussianDenoisingPolicy.from_env(self.env)
         if config.optimizer.lora_rank > 0:
             self.trainable = self.policy.add_lora(config.optimizer.lora_rank, seed=config.run.seed)
@@ -105,40 +112,66 @@ class Run:
         # With LoRA the reference is the same network with its adapters off; else a frozen copy.
         needs_reference = reference and self.algorithm.uses_reference(config.algorithm.config)
         self.reference = make_reference(self.policy) if needs_reference else None
-        self.optimizer = torch.optim.AdamW(self.trainable.values(), lr=config.optimizer.learning_rate)
+        optimizer = torch.optim.AdamW(self.trainable.values(), lr=config.optimizer.learning_rate)
+        network, self.optimizer = self.processes.prepare(self.policy.network, optimizer)
+        # Sampling runs the network as it is; training runs it through the module the processes
+        # wrapped (with several processes: the one that averages gradients across them).
+        self.trained_policy = self.policy if network is self.policy.network else self.policy.over_network(network)
         self.monitor = None if config.reward.monitor is None else make_reward(config.reward.monitor)
         self.tracker = PerPromptStatTracker(config.advantages.tracker_buffer_size, config.advantages.tracker_min_count)
-        self.sample_generator = torch.Generator(device=device).manual_seed(config.run.seed)
-        self.update_generator = torch.Generator().manual_seed(config.run.seed + 1)
+        self.sample_generator = torch.Generator(device=device).manual_seed(seed)
+        self.update_generator = torch.Generator().manual_seed(seed + 1)
         self.epoch = 0
         self.history: list[dict[str, float]] = []
         self.warned_no_signal = False
 
     # ------------------------------------------------------------------ checkpoints
 
+    def random_states(self) -> dict[str, Any]:
+        """This process's random states: of its sampling noise, its updates and its environment."""
+        return {
+            "sample_generator": self.sample_generator.get_state(),
+            "update_generator": self.update_generator.get_state(),
+            "env_rng": self.env.unwrapped.np_random.bit_generator.state,
+        }
+
     def save(self, directory: Path) -> Path:
-        """Writes the run to ``directory/checkpoint-EEEE`` atomically and points ``latest`` at it."""
-        return checkpoints.write_checkpoint(
-            directory,
-            f"{CHECKPOINT_PREFIX}{self.epoch:04d}",
-            weights={"trainable": self.trainable},
-            state={
-                "epoch": self.epoch,
-                "optimizer": self.optimizer.state_dict(),
-                "tracker": self.tracker.state_dict(),
-                "sample_generator": self.sample_generator.get_state(),
-                "update_generator": self.update_generator.get_state(),
-                "env_rng": self.env.unwrapped.np_random.bit_generator.state,
-                "history": self.history,
-            },
-            texts={CONFIG_FILE: json.dumps(self.config.to_tables(), indent=2)},
-            keep_last=self.config.run.keep_checkpoints,
-        )
+        """Writes the run to ``directory/checkpoint-EEEE`` atomically and points ``latest`` at it.
+
+        Every process calls it: the random states of all are gathered, and rank 0 writes them with
+        the trained weights and the optimiser (the same on every rank) while the others wait.
+        """
+        name = f"{CHECKPOINT_PREFIX}{self.epoch:04d}"
+        random_states = self.processes.gather_objects([self.random_states()])
+        if self.processes.is_main:
+            checkpoints.write_checkpoint(
+                directory,
+                name,
+                weights={"trainable": self.trainable},
+                state={
+                    "epoch": self.epoch,
+                    "optimizer": self.optimizer.state_dict(),
+                    "tracker": self.tracker.state_dict(),
+                    "random_states": random_states,
+                    "history": self.history,
+                },
+                texts={CONFIG_FILE: json.dumps(self.config.to_tables(), indent=2)},
+                keep_last=self.config.run.keep_checkpoints,
+            )
+        self.processes.wait()
+        return Path(directory) / name
 
     def load(self, directory: Path, epoch: int | None = None) -> None:
         """Restores the run from the checkpoint ``directory/latest`` names, or from that of ``epoch``."""
         checkpoint = find_run_checkpoint(directory, epoch)
         state = checkpoints.read_state(checkpoint)
+        random_states = state["random_states"]
+        if len(random_states) != self.processes.world_size:
+            raise ValueError(
+                f"checkpoint {checkpoint} was written by a run of {len(random_states)} process(es) and this run has "
+                f"{self.processes.world_size}; allowed: resume with the same number of processes "
+                f"(accelerate launch --num_processes {len(random_states)})"
+            )
         weights = checkpoints.read_weights(checkpoint, "trainable")
         if set(weights) != set(self.trainable):
             raise ValueError(
@@ -150,9 +183,10 @@ class Run:
                 self.trainable[name].copy_(tensor)
         self.optimizer.load_state_dict(state["optimizer"])
         self.tracker.load_state_dict(state["tracker"])
-        self.sample_generator.set_state(state["sample_generator"])
-        self.update_generator.set_state(state["update_generator"])
-        self.env.unwrapped.np_random.bit_generator.state = state["env_rng"]
+        own = random_states[self.processes.rank]
+        self.sample_generator.set_state(own["sample_generator"])
+        self.update_generator.set_state(own["update_generator"])
+        self.env.unwrapped.np_random.bit_generator.state = own["env_rng"]
         self.epoch = state["epoch"]
         self.history = state["history"]
 
@@ -172,9 +206,10 @@ class Run:
             ]
         )
 
-    def advantages(self, samples: Trajectories) -> torch.Tensor:
+    def advantages(self, samples: Outcomes) -> torch.Tensor:
         """The batch's clipped advantages: the algorithm's own if it has them (GRPO's group statistics),
-        else per-prompt statistics (updating the tracker) or batch ones."""
+        else per-prompt statistics (updating the tracker) or batch ones. ``samples`` are the
+        outcomes of all processes (every process computes the same advantages)."""
         if self.algorithm.advantages is not None:
             advantages = self.algorithm.advantages(samples, self.config.algorithm.config)
         elif self.config.advantages.per_prompt:
@@ -184,34 +219,48 @@ class Run:
         return clip_advantages(advantages, self.config.advantages.clip)
 
     def train_epoch(self) -> tuple[dict[str, float], Trajectories]:
+        """Collects an epoch's samples, computes their advantages and trains; returns the figures and samples."""
         samples = self.collect()
-        advantages = self.advantages(samples)
+        outcomes, advantages = self.shared_advantages(samples)
+        return self.update(samples, outcomes, advantages), samples
+
+    def shared_advantages(self, samples: Trajectories) -> tuple[Outcomes, torch.Tensor]:
+        """The outcomes of all processes' samples, and the advantages of this process's ``samples``
+        (computed from all of them: :meth:`advantages`)."""
+        outcomes = self.processes.gather_outcomes(samples.outcomes())
+        return outcomes, self.processes.own_share(self.advantages(outcomes))
+
+    def update(self, samples: Trajectories, outcomes: Outcomes, advantages: torch.Tensor) -> dict[str, float]:
+        """Trains on this process's ``samples`` with their ``advantages``; returns the epoch's figures
+        (``outcomes``: those of all processes, for the reward figures) and counts the epoch."""
         context = UpdateContext(
             config=self.config.algorithm.config,
-            policy=self.policy,
+            policy=self.trained_policy,
             optimizer=self.optimizer,
             generator=self.update_generator,
             max_grad_norm=self.config.optimizer.max_grad_norm,
             reference=self.reference,
             epoch=self.epoch,
+            processes=self.processes,
         )
         figures = self.algorithm.update(context, samples, advantages)
         for name, parameter in self.trainable.items():
             if not bool(torch.isfinite(parameter).all()):
                 raise NonFiniteError(f"parameter {name} is not finite after epoch {self.epoch + 1}; stopping")
         self.warn_without_signal(advantages, figures)
-        rewards = samples.rewards.float()
+        if self.monitor is not None:
+            figures.update(self.monitor_figures(samples))
+        figures = self.processes.mean_figures(figures)
+        rewards = outcomes.rewards.float()
         figures.update(
             {
                 "charts/reward_mean": float(rewards.mean()),
                 "charts/reward_std": float(rewards.std()),
-                "charts/reward_queries": float((self.epoch + 1) * samples.batch_size),
+                "charts/reward_queries": float((self.epoch + 1) * outcomes.batch_size),
             }
         )
-        if self.monitor is not None:
-            figures.update(self.monitor_figures(samples))
         self.epoch += 1
-        return figures, samples
+        return figures
 
     def warn_without_signal(self, advantages: torch.Tensor, figures: dict[str, float]) -> None:
         """Warns (once per run) when an epoch's update had no reward signal or a zero gradient."""
@@ -374,11 +423,14 @@ def prepare(config: TrainConfig, output_dir: Path, resume: bool = False, overwri
     if resume:
         run.load(output_dir)
         name = checkpoints.latest_name(output_dir)
-        print(f"resuming {output_dir} from {name} (epoch {run.epoch} of {config.run.epochs})", flush=True)
-    else:
+        if run.processes.is_main:
+            print(f"resuming {output_dir} from {name} (epoch {run.epoch} of {config.run.epochs})", flush=True)
+    elif run.processes.is_main:
         for path in run_files(output_dir):
             shutil.rmtree(path) if path.is_dir() else path.unlink()
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if run.processes.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    run.processes.wait()
     return run
 
 
@@ -387,22 +439,26 @@ def run_training(run: Run, output_dir: Path) -> list[dict[str, float]]:
     from torch.utils.tensorboard import SummaryWriter
 
     config = run.config
-    writer = SummaryWriter(str(output_dir / "tensorboard"), purge_step=run.epoch + 1)
-    with tqdm(total=config.run.epochs, initial=run.epoch, desc=config.algorithm.name) as progress:
+    # In a run of several processes rank 0 alone writes; every rank checkpoints (rank 0 writes).
+    writes = run.processes.is_main
+    writer = SummaryWriter(str(output_dir / "tensorboard"), purge_step=run.epoch + 1) if writes else None
+    with tqdm(total=config.run.epochs, initial=run.epoch, desc=config.algorithm.name, disable=not writes) as progress:
         while run.epoch < config.run.epochs:
             started = time.perf_counter()
             figures, samples = run.train_epoch()
             figures["charts/epoch_seconds"] = time.perf_counter() - started
             run.history.append(figures)
-            for key, value in figures.items():
-                writer.add_scalar(key, value, run.epoch)
-            save_sample_grid(samples, run.policy.backend.decode, output_dir / f"samples-{run.epoch:04d}.png")
+            if writes:
+                for key, value in figures.items():
+                    writer.add_scalar(key, value, run.epoch)
+                save_sample_grid(samples, run.policy.backend.decode, output_dir / f"samples-{run.epoch:04d}.png")
             if run.epoch % config.run.checkpoint_every == 0 or run.epoch == config.run.epochs:
                 run.save(output_dir)
             progress.set_postfix(reward=f"{figures['charts/reward_mean']:.4f}")
             progress.update()
-    writer.close()
-    save_reward_curve(run.history, output_dir / "reward_curve.png")
+    if writes:
+        writer.close()
+        save_reward_curve(run.history, output_dir / "reward_curve.png")
     run.env.close()
     return run.history
 
@@ -459,7 +515,8 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as error:
         build_parser()[0].error(str(error))
     history = run_training(run, output_dir)
-    print(json.dumps(history[-1], indent=2))
+    if run.processes.is_main:
+        print(json.dumps(history[-1], indent=2))
 
 
 if __name__ == "__main__":

@@ -9,14 +9,16 @@ An algorithm of ``python -m agents.train`` is one module with
 2. ``update(context, samples, advantages) -> figures``: trains ``context.policy`` on one epoch's
    trajectories (:class:`agents.algorithms.UpdateContext` holds the optimiser, generator,
    reference policy and epoch);
-3. optionally ``advantages(samples, config) -> (B,)``, when the training command's per-prompt
-   or batch statistics are not what it needs;
+3. optionally ``advantages(outcomes, config) -> (B,)``, when the training command's per-prompt
+   or batch statistics are not what it needs (``outcomes``: the rewards, groups and prompts of
+   the epoch's samples, of every process in a data-parallel run);
 4. one call of ``register_algorithm``.
 
 ``agents/algorithms/grpo.py`` is exactly that: ``GRPOConfig``, ``grpo_update`` (the steps to
 train from ``samples.trained_steps`` and the config's sliding window, the objective from
 ``agents.losses.importance_sampled_loss``, the optimiser steps, KL penalty and early stop from
-``agents.algorithms.base.policy_gradient_pass``), ``advantages`` (its groups' statistics from
+``agents.algorithms.base.policy_gradient_pass``, which also keeps the processes of a
+data-parallel run in step: pass it ``processes=context.processes``), ``advantages`` (its groups' statistics from
 ``samples.groups``) and ``register_algorithm("grpo", ...)``; the project adds one import line in
 ``agents/algorithms/__init__.py``, a user's script imports its module before training.
 
@@ -35,7 +37,7 @@ from agents.algorithms import UpdateContext, register_algorithm
 from agents.algorithms.base import mean_figures, policy_gradient_pass
 from agents.config import TrainConfig
 from agents.losses import importance_sampled_loss
-from agents.rollouts import Trajectories
+from agents.rollouts import Outcomes, Trajectories
 from agents.step_window import StepWindow
 from agents.train import train
 
@@ -48,7 +50,7 @@ class RLOOConfig:
     minibatch_size: int = field(default=32, metadata={"help": "(sample, timestep) pairs per network call"})
 
 
-def leave_one_out(samples: Trajectories, config: RLOOConfig) -> torch.Tensor:
+def leave_one_out(samples: Outcomes, config: RLOOConfig) -> torch.Tensor:
     """Each reward minus the mean reward of the other samples of its group (the prompt's samples of the batch)."""
     rewards = samples.rewards.float()
     _, index, counts = torch.unique(samples.groups, return_inverse=True, return_counts=True)
@@ -73,7 +75,7 @@ def rloo_update(context: UpdateContext, samples: Trajectories, advantages: torch
     context.policy.train()
     policy_gradient_pass(
         context.policy, context.optimizer, samples, minibatches, objective, figures,
-        name="RLOO", accumulation=len(minibatches), max_grad_norm=context.max_grad_norm,
+        name="RLOO", accumulation=len(minibatches), max_grad_norm=context.max_grad_norm, processes=context.processes,
     )
     context.policy.eval()
     return mean_figures(figures)

@@ -15,11 +15,12 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
+from agents.distributed import Processes
 from agents.policy import GaussianDenoisingPolicy, Observation
 from agents.rollouts import Trajectories
 from diffusion_env.backends import BackendModule
@@ -65,8 +66,7 @@ def make_reference(policy: GaussianDenoisingPolicy) -> ReferencePolicy:
     if policy.has_lora:
         return AdaptersDisabledReference(policy)
     if isinstance(policy.backend, BackendModule):
-        frozen = copy.deepcopy(policy.network).requires_grad_(False)
-        return GaussianDenoisingPolicy(policy.backend.with_network(frozen), policy.sampler, policy.guidance_scale)
+        return policy.over_network(copy.deepcopy(policy.network).requires_grad_(False))
     return copy.deepcopy(policy).requires_grad_(False)
 
 
@@ -84,6 +84,8 @@ class UpdateContext:
             for none).
         epoch: the number of epochs trained before this update (0 for the first), for schedules
             over epochs such as a sliding window of trained steps.
+        processes: the run's processes (:mod:`agents.distributed`): the backward pass, gradient
+            clipping and any statistic the ranks must agree on go through them.
     """
 
     config: Any
@@ -93,6 +95,7 @@ class UpdateContext:
     max_grad_norm: float = 1.0
     reference: ReferencePolicy | None = None
     epoch: int = 0
+    processes: Processes = field(default_factory=Processes)
 
 
 def has_kl_penalty(config: Any) -> bool:
@@ -100,14 +103,21 @@ def has_kl_penalty(config: Any) -> bool:
     return config.kl_coefficient > 0
 
 
-def clipped_step(optimizer: torch.optim.Optimizer, parameters: list[torch.Tensor], max_grad_norm: float) -> float:
+def clipped_step(
+    optimizer: torch.optim.Optimizer,
+    parameters: list[torch.Tensor],
+    max_grad_norm: float,
+    processes: Processes | None = None,
+) -> float:
     """Clips the gradient norm to ``max_grad_norm``, steps and zeroes the gradients; returns the norm before clipping.
 
     Raises:
         NonFiniteError: if the norm is NaN or inf (then nothing is applied).
     """
-    # The total norm is NaN or inf as soon as one gradient entry is: one check covers all.
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm))
+    # The total norm is NaN or inf as soon as one gradient entry is: one check covers all. After
+    # the backward pass of a data-parallel run every rank holds the same averaged gradients, so
+    # every rank decides alike.
+    grad_norm = (processes or Processes()).clip_grad_norm(parameters, max_grad_norm)
     if not math.isfinite(grad_norm):
         raise NonFiniteError(f"the gradient norm is {grad_norm}; stopping before the optimiser applies it")
     optimizer.step()
@@ -141,6 +151,7 @@ def policy_gradient_pass(
     kl_coefficient: float = 0.0,
     reference: ReferencePolicy | None = None,
     target_kl: float = math.inf,
+    processes: Processes | None = None,
 ) -> bool:
     """One pass of a policy-gradient update over ``minibatches`` of (sample, step) pairs.
 
@@ -150,19 +161,31 @@ def policy_gradient_pass(
     ``accumulation`` minibatches and after the last. Each figure (``loss``, ``grad_norm``, the
     objective's diagnostics, ``kl_to_reference``) is appended to ``figures``.
 
+    In a run of several ``processes`` every rank must take the same optimiser steps (the
+    gradients are averaged in each backward pass): a rank with fewer minibatches than another
+    repeats its last one with weight 0 (its gradient is 0; it is not logged), and the early stop
+    reads the approx-KL of all ranks.
+
     Returns True if it stopped early: after an optimiser step whose minibatches' mean
     ``approx_kl`` (a diagnostic of the objective) exceeded ``target_kl``.
 
     Raises:
-        ValueError: if ``kl_coefficient > 0`` without a reference policy.
+        ValueError: if ``kl_coefficient > 0`` without a reference policy, or no minibatch is given.
         NonFiniteError: if a loss or gradient is NaN or inf (``name`` says whose; nothing is applied then).
     """
     if kl_coefficient > 0 and reference is None:
         raise ValueError("kl_coefficient > 0 needs the reference (pretrained) policy")
+    if not minibatches:
+        raise ValueError(f"the {name} pass got no minibatch; allowed: at least one (sample, step) minibatch")
+    processes = processes or Processes()
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer.zero_grad(set_to_none=True)
-    step_kl: list[float] = []
-    for index, (samples, steps) in enumerate(minibatches, start=1):
+    total = processes.max(len(minibatches))
+    # The summed approx-KL of the minibatches since the last optimiser step, and their count.
+    step_kl = torch.zeros(2, dtype=torch.float64)
+    for index in range(1, total + 1):
+        own = index <= len(minibatches)
+        samples, steps = minibatches[min(index, len(minibatches)) - 1]
         obs = trajectories.observations(samples, steps)
         actions = trajectories.actions(samples, steps)
         # The minibatch's step indices k index the sampler's tables directly.
@@ -177,15 +200,18 @@ def policy_gradient_pass(
         loss_value = loss.item()
         if not math.isfinite(loss_value):
             raise NonFiniteError(f"the {name} loss is {loss_value}; stopping before the optimiser applies it")
-        (loss / accumulation).backward()
-        figures.setdefault("loss", []).append(loss_value)
-        for key, value in stats.items():
-            figures.setdefault(key, []).append(float(value))
-        if "approx_kl" in stats:
-            step_kl.append(float(stats["approx_kl"]))
-        if index % accumulation == 0 or index == len(minibatches):
-            figures.setdefault("grad_norm", []).append(clipped_step(optimizer, trainable, max_grad_norm))
-            if step_kl and sum(step_kl) / len(step_kl) > target_kl:
-                return True
-            step_kl = []
+        processes.backward(loss * ((1.0 if own else 0.0) / accumulation))
+        if own:
+            figures.setdefault("loss", []).append(loss_value)
+            for key, value in stats.items():
+                figures.setdefault(key, []).append(float(value))
+            if "approx_kl" in stats:
+                step_kl += torch.tensor([float(stats["approx_kl"]), 1.0], dtype=torch.float64)
+        if index % accumulation == 0 or index == total:
+            figures.setdefault("grad_norm", []).append(clipped_step(optimizer, trainable, max_grad_norm, processes))
+            if math.isfinite(target_kl):
+                kl_sum, count = processes.sum(step_kl).tolist()
+                if count > 0 and kl_sum / count > target_kl:
+                    return True
+            step_kl.zero_()
     return False

@@ -34,6 +34,7 @@ from agents.algorithms.base import (  # noqa: F401  (NonFiniteError: raised by t
     policy_gradient_pass,
 )
 from agents.algorithms.registry import register_algorithm
+from agents.distributed import Processes
 from agents.losses import importance_sampled_loss, score_function_loss
 from agents.policy import GaussianDenoisingPolicy
 from agents.rollouts import Trajectories
@@ -104,10 +105,12 @@ def ddpo_update(
     generator: torch.Generator,
     reference_policy: ReferencePolicy | None = None,
     max_grad_norm: float = 1.0,
+    processes: Processes | None = None,
 ) -> dict[str, float]:
     """Trains ``policy`` on one batch; returns the mean of each logged figure (``losses/...``).
 
-    ``reference_policy`` is the pretrained policy of the KL penalty (:func:`agents.algorithms.make_reference`).
+    ``reference_policy`` is the pretrained policy of the KL penalty (:func:`agents.algorithms.make_reference`);
+    ``processes`` the run's processes (:mod:`agents.distributed`; one by default).
 
     Raises:
         NonFiniteError: if a loss or gradient is NaN or inf (nothing is applied then).
@@ -135,6 +138,7 @@ def ddpo_update(
         policy_gradient_pass(
             policy, optimizer, trajectories, minibatches, objective, figures, name="DDPO", accumulation=accumulation,
             max_grad_norm=max_grad_norm, kl_coefficient=config.kl_coefficient, reference=reference_policy,
+            processes=processes,
         )
     policy.eval()
     return mean_figures(figures)
@@ -151,6 +155,7 @@ def update(context: UpdateContext, samples: Trajectories, advantages: torch.Tens
         context.generator,
         context.reference,
         context.max_grad_norm,
+        context.processes,
     )
 
 

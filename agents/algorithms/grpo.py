@@ -51,7 +51,7 @@ from agents.advantages import group_relative_advantages, groups_with_spread
 from agents.algorithms.base import UpdateContext, has_kl_penalty, mean_figures, policy_gradient_pass
 from agents.algorithms.registry import register_algorithm
 from agents.losses import importance_sampled_loss
-from agents.rollouts import Trajectories
+from agents.rollouts import Outcomes, Trajectories
 from agents.step_window import StepWindow
 from diffusion_env.validation import check_float, check_int
 
@@ -117,7 +117,7 @@ class GRPOConfig:
         return steps[start : start + self.window_size]
 
 
-def advantages(samples: Trajectories, config: GRPOConfig) -> torch.Tensor:
+def advantages(samples: Outcomes, config: GRPOConfig) -> torch.Tensor:
     """The registered advantages: :func:`~agents.advantages.group_relative_advantages` over the samples' groups.
 
     Raises:
@@ -147,12 +147,18 @@ def grpo_update(context: UpdateContext, trajectories: Trajectories, advantages: 
     config: GRPOConfig = context.config
     policy = context.policy
     steps = config.sliding_window(trajectories.trained_steps(config.window, policy.sampler), context.epoch)
+    processes = context.processes
     if config.skip_zero_spread:
         samples = torch.nonzero(groups_with_spread(trajectories.rewards, trajectories.groups).cpu()).flatten()
     else:
         samples = torch.arange(trajectories.batch_size)
-    if len(samples) == 0:
+    trained_fraction = len(samples) / trajectories.batch_size
+    if processes.max(len(samples)) == 0:
         return {"losses/trained_fraction": 0.0, "losses/passes": 0.0, "losses/grad_norm": 0.0}
+    if len(samples) == 0:
+        # Another process trains: this one takes the same optimiser steps on its samples, whose
+        # advantages are all 0 (only a KL penalty acts on them).
+        samples = torch.arange(trajectories.batch_size)
 
     def objective(
         log_probs: torch.Tensor, batch: torch.Tensor, batch_steps: torch.Tensor, actions: torch.Tensor
@@ -175,13 +181,14 @@ def grpo_update(context: UpdateContext, trajectories: Trajectories, advantages: 
             policy, context.optimizer, trajectories, minibatches, objective, figures, name="GRPO",
             accumulation=config.gradient_accumulation, max_grad_norm=context.max_grad_norm,
             kl_coefficient=config.kl_coefficient, reference=context.reference, target_kl=config.target_kl,
+            processes=processes,
         )
         if stopped:
             break
     policy.eval()
     return {
         **mean_figures(figures),
-        "losses/trained_fraction": len(samples) / trajectories.batch_size,
+        "losses/trained_fraction": trained_fraction,
         "losses/passes": float(passes),
     }
 

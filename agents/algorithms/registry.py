@@ -18,12 +18,13 @@ from typing import Any
 import torch
 
 from agents.algorithms.base import UpdateContext
-from agents.rollouts import Trajectories
+from agents.rollouts import Outcomes, Trajectories
 
 UpdateFunction = Callable[[UpdateContext, Trajectories, torch.Tensor], dict[str, float]]
-#: ``advantages(samples, config) -> (B,)``: an algorithm's own advantages from an epoch's samples
-#: and its config (e.g. GRPO's, relative to each sample's group).
-AdvantageFunction = Callable[[Trajectories, Any], torch.Tensor]
+#: ``advantages(outcomes, config) -> (B,)``: an algorithm's own advantages from the outcomes of an
+#: epoch's samples (rewards, groups, prompts: of all processes in a data-parallel run) and its
+#: config (e.g. GRPO's, relative to each sample's group).
+AdvantageFunction = Callable[[Outcomes, Any], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,8 @@ class Algorithm:
         fixed: config fields that the name sets (e.g. DDPO's estimator); they cannot be configured.
         uses_reference: whether a config needs the pretrained policy (a KL penalty).
         description: one line for ``--help``.
-        advantages: the algorithm's own advantages ``advantages(samples, config) -> (B,)``; None:
+        advantages: the algorithm's own advantages ``advantages(outcomes, config) -> (B,)`` (an
+            :class:`~agents.rollouts.Outcomes`; a ``Trajectories`` has the same fields); None:
             the training command's (per-prompt statistics or the batch's, ``[advantages]``).
     """
 

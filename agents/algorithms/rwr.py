@@ -21,6 +21,7 @@ import torch
 
 from agents.algorithms.base import NonFiniteError, UpdateContext, clipped_step
 from agents.algorithms.registry import register_algorithm
+from agents.distributed import Processes
 from agents.losses import reward_weights, sparse_reward_weights, weighted_denoising_loss
 from agents.policy import GaussianDenoisingPolicy
 from agents.rollouts import Trajectories
@@ -58,24 +59,29 @@ def rwr_update(
     generator: torch.Generator,
     scores: torch.Tensor | None = None,
     max_grad_norm: float = 1.0,
+    processes: Processes | None = None,
 ) -> dict[str, float]:
     """Trains ``policy``'s network on the batch's final samples; returns ``losses/...`` means.
 
     ``scores`` ``(B,)`` are what the weights are computed from: the rewards by default; the
     training command passes the advantages (rewards normalised per prompt, as DDPO-IS uses them),
     which makes ``beta`` independent of the reward's scale and compares samples of one prompt
-    rather than easy prompts with hard ones (as advantage-weighted regression does).
+    rather than easy prompts with hard ones (as advantage-weighted regression does). With several
+    ``processes`` (:mod:`agents.distributed`) the weights are those of all processes' samples together.
 
     Raises:
         NonFiniteError: if the loss or the gradient norm is NaN or inf (nothing is applied then).
     """
     scores = trajectories.rewards if scores is None else scores
+    processes = processes or Processes()
     if scores.shape != trajectories.rewards.shape:
         raise ValueError(f"scores have shape {tuple(scores.shape)}; allowed: one per sample, {tuple(trajectories.rewards.shape)}")
-    weights = (
-        reward_weights(scores, config.beta)
+    # The weights of the whole batch (all processes' samples), as one process would compute them.
+    all_scores = processes.gather(scores)
+    weights = processes.own_share(
+        reward_weights(all_scores, config.beta)
         if config.weighting == "exponential"
-        else sparse_reward_weights(scores, config.percentile)
+        else sparse_reward_weights(all_scores, config.percentile)
     )
     sampler = policy.sampler
     clean = trajectories.latents[:, -1]
@@ -100,8 +106,8 @@ def rwr_update(
             if not math.isfinite(loss_value):
                 raise NonFiniteError(f"the RWR loss is {loss_value}; stopping before the optimiser applies it")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norms.append(clipped_step(optimizer, trainable, max_grad_norm))
+            processes.backward(loss)
+            grad_norms.append(clipped_step(optimizer, trainable, max_grad_norm, processes))
             losses.append(loss_value)
     policy.eval()
     return {
@@ -114,7 +120,8 @@ def rwr_update(
 def update(context: UpdateContext, samples: Trajectories, advantages: torch.Tensor) -> dict[str, float]:
     """The registered update: :func:`rwr_update` weighted by the advantages."""
     return rwr_update(
-        context.policy, samples, context.optimizer, context.config, context.generator, advantages, context.max_grad_norm
+        context.policy, samples, context.optimizer, context.config, context.generator, advantages, context.max_grad_norm,
+        context.processes,
     )
 
 
