@@ -10,12 +10,17 @@ A run of N processes (ranks) trains one model on N times the batch of ``[env]``:
 - the outcomes (rewards, groups, prompts) of all ranks are gathered before advantages are
   computed, so per-prompt and per-group statistics are those of the whole batch, and every rank
   computes the same advantages and keeps its own share;
-- the trained network runs forward through the module accelerate wraps (DistributedDataParallel
-  or FSDP), which averages the gradients across ranks in the backward pass; every rank takes the
+- the trained network runs forward through the module accelerate wraps (DistributedDataParallel),
+  which averages the gradients across ranks in the backward pass; every rank takes the
   same number of optimiser steps (:func:`agents.algorithms.base.policy_gradient_pass` pads a rank
   with fewer minibatches with zero-weighted ones, and early stops on the approx-KL of all ranks);
 - rank 0 alone writes logs, image grids and checkpoints; a checkpoint holds every rank's random
   states, so a run resumes on the same number of processes exactly where it stopped.
+
+Mixed precision is accelerate's (``--mixed_precision bf16``: the wrapped network runs under
+autocast; the trained parameters stay float32). Launches that shard the parameters (FSDP,
+DeepSpeed) are refused for now. A rank that dies makes the others fail at their next collective;
+one that hangs, after :data:`DEFAULT_TIMEOUT`.
 
 The base class :class:`Processes` is the single-process run, where every collective is the identity.
 """
@@ -132,11 +137,19 @@ class AcceleratedProcesses(Processes):
 
     def __init__(self, device: str, timeout: timedelta = DEFAULT_TIMEOUT) -> None:
         from accelerate import Accelerator
-        from accelerate.utils import InitProcessGroupKwargs
+        from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
         self.accelerator = Accelerator(
             cpu=torch.device(device).type == "cpu", kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)]
         )
+        sharded = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
+        if self.accelerator.distributed_type in sharded:
+            # Sharded parameters exist whole only inside the wrapped module's forward, and sampling
+            # and the adapters-off reference run the network outside it.
+            raise ValueError(
+                f"accelerate's {self.accelerator.distributed_type.value} shards the parameters, which the training "
+                "command does not support yet; allowed: data-parallel launches (--multi_gpu, or one process per CPU)"
+            )
         self.rank = self.accelerator.process_index
         self.world_size = self.accelerator.num_processes
 
@@ -144,15 +157,15 @@ class AcceleratedProcesses(Processes):
         return str(self.accelerator.device)
 
     def prepare(self, network: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
-        """The network wrapped by accelerate (DDP or FSDP, as its config says; mixed precision
-        applied), which averages gradients across ranks, and the optimiser wrapped with it."""
+        """The network wrapped by accelerate (DistributedDataParallel, with the mixed precision its
+        config names), which averages gradients across ranks, and the optimiser wrapped with it."""
         return self.accelerator.prepare(network, optimizer)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)
 
     def clip_grad_norm(self, parameters: Sequence[torch.Tensor], max_norm: float) -> float:
-        # accelerate unscales mixed-precision gradients first and takes the norm over FSDP's shards.
+        # accelerate unscales float16 mixed-precision gradients before taking their norm.
         return float(self.accelerator.clip_grad_norm_(parameters, max_norm))
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,13 @@ model at its registered 16x16; ``shapes32`` is the built-in model); the trained 
 the back-end's ``trainable_module()``.
 
     python benchmarks/train_throughput.py --num-envs 32 --steps 20 --minibatch 64 [--model shapes32]
+
+With ``--processes N`` it measures whole training epochs instead (``python -m agents.train``:
+sampling, rewards, advantages, update): one process against N launched by ``accelerate launch``
+on the same total batch (``--num-envs`` split over the processes), the median epoch time after
+the first (warm-up) epoch, read from each run's history.
+
+    python benchmarks/train_throughput.py --processes 2 --num-envs 8 --steps 10 --epochs 3
 """
 
 from __future__ import annotations
@@ -19,8 +26,12 @@ import argparse
 import os
 import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import gymnasium as gym
 import torch
@@ -69,6 +80,49 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
 
 
+def epoch_seconds(processes: int, args: argparse.Namespace, folder: Path) -> float:
+    """The median epoch time after the first of a training run of ``processes`` processes on ``args.num_envs`` samples."""
+    config = folder / f"processes-{processes}.toml"
+    config.write_text(
+        f'[run]\ndevice = "{args.device}"\nepochs = {args.epochs}\n'
+        f'[env]\nmodel = "{args.model}"\nnum_envs = {args.num_envs // processes}\nnum_inference_steps = {args.steps}\n'
+        f'[algorithm]\nname = "ddpo-is"\nminibatch_size = {args.minibatch}\n'
+    )
+    output_dir = folder / f"run-{processes}"
+    train = ["-m", "agents.train", "--config", str(config), "--output-dir", str(output_dir)]
+    if processes == 1:
+        command = [sys.executable, *train]
+    else:
+        launcher = Path(sys.executable).with_name("accelerate")
+        command = [str(launcher), "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no", *train]
+    # The threads of the machine shared among the processes, as accelerate does on a CPU.
+    threads = max(1, (os.cpu_count() or 1) // processes)
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    if result.returncode != 0:
+        raise SystemExit(f"the {processes}-process run failed:\n{result.stderr[-2000:]}")
+    history = torch.load(output_dir / "checkpoint-{:04d}".format(args.epochs) / "state.pt", weights_only=True)["history"]
+    return statistics.median(h["charts/epoch_seconds"] for h in history[1:])
+
+
+def data_parallel_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Epoch time of 1 process against ``args.processes`` on the same total batch."""
+    if args.processes < 2 or args.num_envs % args.processes or args.epochs < 2:
+        parser.error(
+            f"--processes {args.processes} --num-envs {args.num_envs} --epochs {args.epochs}; allowed: 2 or more "
+            "processes that divide --num-envs, and 2 or more epochs (the first is a warm-up)"
+        )
+    card = torch.cuda.get_device_name(0) if args.device == "cuda" else f"{os.cpu_count()} CPU cores"
+    print(f"device {args.device} ({card}), torch {torch.__version__}; {args.model}, DDPO-IS, "
+          f"{args.num_envs} samples x {args.steps} steps per epoch, median of epochs 2-{args.epochs}")
+    with tempfile.TemporaryDirectory() as folder:
+        seconds = {n: epoch_seconds(n, args, Path(folder)) for n in (1, args.processes)}
+    for n, value in seconds.items():
+        print(f"{n} process(es), {args.num_envs // n:3d} samples each: {value:8.2f} s/epoch, "
+              f"{args.num_envs / value:8.2f} samples/s")
+    print(f"{args.processes} processes against 1: {seconds[1] / seconds[args.processes]:.2f}x")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-envs", type=int, default=32, help="samples per batch")
@@ -78,7 +132,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (0: the whole network)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--processes", type=int, default=None, help="compare training epochs of 1 and this many processes")
+    parser.add_argument("--epochs", type=int, default=3, help="with --processes: epochs per run (the first is a warm-up)")
     args = parser.parse_args(argv)
+    if args.processes is not None:
+        data_parallel_main(args, parser)
+        return
     device = torch.device(args.device)
 
     try:

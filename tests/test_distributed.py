@@ -43,11 +43,11 @@ def process_env() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
-def accelerate_launch(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+def accelerate_launch(*args: str, mixed_precision: str = "no", timeout: float = 240) -> subprocess.CompletedProcess:
     """``accelerate launch`` on 2 CPU processes, as a user runs it."""
     command = [
         str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--num_machines", "1", "--mixed_precision", mixed_precision, "--dynamo_backend", "no",
         "--main_process_port", str(free_port()), *args,
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=process_env())
@@ -100,13 +100,15 @@ def test_grpo_ranks_stay_identical_draw_their_own_noise_and_share_the_group_adva
 
 
 def test_per_prompt_advantages_are_those_of_one_process_over_the_gathered_batch(tmp_path):
+    # Under accelerate's bf16 mixed precision (autocast): the trained parameters stay float32.
     config = tables(algorithm={"name": "ddpo-is", "minibatch_size": 2})
-    accelerate_launch(str(WORKER), json.dumps(config), str(tmp_path))
+    accelerate_launch(str(WORKER), json.dumps(config), str(tmp_path), mixed_precision="bf16")
     ddpo = TrainConfig.from_tables(config)
     tracker = PerPromptStatTracker(ddpo.advantages.tracker_buffer_size, ddpo.advantages.tracker_min_count)
     for epoch in (1, 2):
         rank0, rank1 = worker_outputs(tmp_path, epoch)
         assert_same_parameters(rank0["parameters"], rank1["parameters"])
+        assert all(p.dtype == torch.float32 for p in rank0["parameters"].values())
         expected = clip_advantages(
             tracker.update(rank0["prompts"] + rank1["prompts"], torch.cat([rank0["rewards"], rank1["rewards"]])),
             ddpo.advantages.clip,

@@ -54,3 +54,15 @@ def test_reward_throughput_prints_each_rewards_rate_and_the_asynchronous_saving(
     assert "aesthetic" not in out
     for figure in ("sampling alone", "synchronous", "asynchronous", "saved"):
         assert re.search(rf"{figure}\s+-?{NUMBER} s", out)
+
+
+def test_train_throughput_compares_training_epochs_of_one_and_two_processes(capsys):
+    run_main("train_throughput.py", ["--processes", "2", "--num-envs", "4", "--steps", "2", "--epochs", "2",
+                                     "--minibatch", "4", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert re.search(rf"^1 process\(es\),\s+4 samples each:\s+{NUMBER} s/epoch,\s+{NUMBER} samples/s$", out, re.MULTILINE)
+    assert re.search(rf"^2 process\(es\),\s+2 samples each:\s+{NUMBER} s/epoch,\s+{NUMBER} samples/s$", out, re.MULTILINE)
+    assert re.search(r"2 processes against 1: \d+\.\d\dx", out)
+    with pytest.raises(SystemExit):
+        run_main("train_throughput.py", ["--processes", "3", "--num-envs", "4"])
+    assert "allowed: 2 or more processes that divide --num-envs" in capsys.readouterr().err
