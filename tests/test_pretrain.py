@@ -8,9 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
 from diffusion_env.shapes import model as builtin_model, pretrain
 from diffusion_env.backends import PixelUNetDenoiser
+from diffusion_env.samplers import GaussianTransition, make_sampler
+from diffusion_env.samplers.flow import FlowSampler
 
 # A 32x32 UNet of a few thousand parameters with the built-in model's kinds of conditioning
 # (cross-attention and the pooled text embedding): a step takes milliseconds.
@@ -68,12 +71,13 @@ def test_steps_are_finite_and_write_a_checkpoint(tmp_path):
     assert (tmp_path / "loss.png").stat().st_size > 0
 
 
-def test_resume_continues_bit_for_bit(tmp_path):
-    straight = pretrain.train(tiny_config(tmp_path / "straight", 4), progress=False)
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "flow"])
+def test_resume_continues_bit_for_bit(tmp_path, prediction_type):
+    straight = pretrain.train(tiny_config(tmp_path / "straight", 4, prediction_type=prediction_type), progress=False)
 
-    pretrain.train(tiny_config(tmp_path / "split", 2), progress=False)
+    pretrain.train(tiny_config(tmp_path / "split", 2, prediction_type=prediction_type), progress=False)
     # A new process would start from nothing but the files: so does this call.
-    resumed = pretrain.train(tiny_config(tmp_path / "split", 4), resume=True, progress=False)
+    resumed = pretrain.train(tiny_config(tmp_path / "split", 4, prediction_type=prediction_type), resume=True, progress=False)
 
     assert resumed.step == 4
     assert resumed.losses == straight.losses
@@ -103,7 +107,8 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypat
     state = pretrain.train(config, progress=False)
     saved = parameters(state)
 
-    pretrain.train_step(state, config, builtin_model.make_scheduler(), builtin_model.make_prompt_encoder())
+    sampler = make_sampler(builtin_model.make_scheduler(), num_inference_steps=20)
+    pretrain.train_step(state, config, sampler, builtin_model.make_prompt_encoder())
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("killed while writing")
@@ -122,13 +127,22 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypat
     assert leftovers == []
 
 
-def test_exported_ema_round_trips_through_load_builtin_denoiser(tmp_path):
-    config = dataclasses.replace(tiny_config(tmp_path / "run", 2), export_dir=tmp_path / "weights")
+@pytest.mark.parametrize(
+    ("prediction_type", "scheduler_class", "sampler_class"),
+    [("v_prediction", DDIMScheduler, GaussianTransition), ("flow", FlowMatchEulerDiscreteScheduler, FlowSampler)],
+)
+def test_exported_ema_round_trips_through_load_builtin_denoiser(tmp_path, prediction_type, scheduler_class, sampler_class):
+    config = dataclasses.replace(
+        tiny_config(tmp_path / "run", 2, prediction_type=prediction_type), export_dir=tmp_path / "weights"
+    )
     state = pretrain.train(config, progress=False)
     assert (tmp_path / "weights" / "diffusion_pytorch_model.safetensors").is_file()
 
     denoiser = builtin_model.load_builtin_denoiser(tmp_path / "weights")
     assert isinstance(denoiser, PixelUNetDenoiser)
+    # The scheduler it was trained with, and so the environment's default sampler of that objective.
+    assert type(denoiser.scheduler) is scheduler_class
+    assert isinstance(make_sampler(denoiser.scheduler, num_inference_steps=4), sampler_class)
     assert denoiser.default_guidance_scale == builtin_model.DEFAULT_GUIDANCE_SCALE
     expected = pretrain.ema_unet(state).state_dict()
     for name, value in denoiser.unet.state_dict().items():
@@ -139,14 +153,35 @@ def test_exported_ema_round_trips_through_load_builtin_denoiser(tmp_path):
     assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8
 
 
+def test_flow_weights_are_never_exported_over_the_shipped_ddpm_ones(tmp_path):
+    with pytest.raises(ValueError, match="another objective"):
+        config = dataclasses.replace(tiny_config(tmp_path, 2, prediction_type="flow"), export_dir=builtin_model.WEIGHTS_DIR)
+        pretrain.train(config, progress=False)
+    assert not (tmp_path / "checkpoints").exists()
+    args = pretrain.build_parser().parse_args(["--prediction-type", "flow"])
+    assert pretrain.config_from_args(args).export_dir == builtin_model.FLOW_WEIGHTS_DIR
+
+
+def test_flow_objective_regresses_the_velocity_of_the_straight_path(tmp_path):
+    # The flow objective's inputs and targets, from the sampler it trains with: x_t on the line
+    # from x0 (t = 0) to eps (t = 1), and v = eps - x0, checked against the definitions.
+    sampler = make_sampler(builtin_model.make_scheduler("flow"), num_inference_steps=20)
+    clean, noise = torch.rand(3, 3, 32, 32) * 2 - 1, torch.randn(3, 3, 32, 32)
+    timesteps = sampler.training_timesteps(3, torch.Generator().manual_seed(0))
+    t = (timesteps / 1000).float().view(3, 1, 1, 1)
+    assert bool(((timesteps >= 0) & (timesteps < 1000)).all())
+    torch.testing.assert_close(sampler.noisy_latents(clean, noise, timesteps), (1 - t) * clean + t * noise)
+    torch.testing.assert_close(sampler.regression_target(clean, noise, timesteps), noise - clean)
+    state = pretrain.train(tiny_config(tmp_path, 2, prediction_type="flow"), progress=False)
+    assert all(np.isfinite(state.losses))
+
+
 def test_missing_weights_say_how_to_produce_them(tmp_path):
     with pytest.raises(FileNotFoundError, match="diffusion_env.shapes.pretrain"):
         builtin_model.load_builtin_denoiser(tmp_path)
 
 
 def test_builtin_scheduler_keeps_every_step_stochastic():
-    from diffusion_env.samplers import GaussianTransition
-
     transition = GaussianTransition(builtin_model.make_scheduler(), num_inference_steps=20, eta=1.0)
     assert bool((transition.sigma > 0).all())
 

@@ -7,19 +7,22 @@ Everything that defines the shipped model lives here, so that the pretraining sc
   the MiniLM token states at 8x8, plus an attention-pooled prompt vector added to the timestep
   embedding);
 * :func:`scheduler_config` / :func:`make_scheduler`: the DDIM scheduler (v-prediction) it is
-  trained and sampled with;
+  trained and sampled with, or, for its flow-matching twin ``shapes32-flow`` (the same UNet
+  trained with the rectified-flow objective), a ``FlowMatchEulerDiscreteScheduler``;
 * :data:`PROMPT_MAX_LENGTH`: the prompt encoder's token count;
 * :data:`DEFAULT_GUIDANCE_SCALE`: the classifier-free guidance weight it is meant for;
-* :func:`load_builtin_denoiser`: the weights shipped in ``diffusion_env/weights/shapes32/``,
-  loaded with ``from_pretrained`` and wrapped as a :class:`~diffusion_env.models.PixelUNetDenoiser`.
+* :func:`load_builtin_denoiser`: the weights shipped in ``diffusion_env/shapes/weights/shapes32/``
+  (or ``shapes32-flow/``), loaded with ``from_pretrained`` and wrapped as a
+  :class:`~diffusion_env.backends.pixel_unet.PixelUNetDenoiser` with the scheduler saved beside them.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
-from diffusers import DDIMScheduler, UNet2DConditionModel
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
 
 from diffusion_env.backends.pixel_unet import PixelUNetDenoiser
 from diffusion_env.backends.text_encoders import TransformerPromptEncoder
@@ -38,6 +41,11 @@ PROMPT_HIDDEN_SIZE: int = 384
 DEFAULT_GUIDANCE_SCALE: float = 1.0
 #: Where the shipped weights live: ``config.json`` + ``diffusion_pytorch_model.safetensors``.
 WEIGHTS_DIR: Path = Path(__file__).resolve().parent / "weights" / "shapes32"
+#: Where the flow-matching twin's weights live (``prediction_type="flow"``).
+FLOW_WEIGHTS_DIR: Path = WEIGHTS_DIR.with_name("shapes32-flow")
+#: The network's training objectives: the noise, v (DDPM, sampled with DDIM), or the velocity
+#: eps - x0 of rectified flow (sampled with the flow samplers).
+PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction", "flow")
 #: File name diffusers' ``SchedulerMixin.save_pretrained`` writes the scheduler configuration to.
 SCHEDULER_CONFIG_NAME: str = "scheduler_config.json"
 #: The command that reproduces the shipped weights from scratch.
@@ -98,11 +106,23 @@ def scheduler_config(prediction_type: str = "v_prediction") -> dict[str, Any]:
     }
 
 
-def make_scheduler(prediction_type: str | None = None) -> DDIMScheduler:
-    """A fresh ``DDIMScheduler`` with :func:`scheduler_config` (its prediction type by default)."""
-    if prediction_type is None:
-        return DDIMScheduler(**scheduler_config())
-    return DDIMScheduler(**scheduler_config(prediction_type))
+def make_scheduler(prediction_type: str | None = None) -> DDIMScheduler | FlowMatchEulerDiscreteScheduler:
+    """A fresh scheduler of the objective ``prediction_type`` (default: v-prediction).
+
+    ``"epsilon"`` and ``"v_prediction"``: a ``DDIMScheduler`` with :func:`scheduler_config`.
+    ``"flow"``: a ``FlowMatchEulerDiscreteScheduler`` over 1000 training timesteps without a
+    timestep shift (Liu et al., 2023, "Flow Straight and Fast": x_t = (1 - t) x0 + t eps, the
+    network predicting v = eps - x0); a shift > 1, which SD3 uses to spend more steps at high
+    noise for large images, has no reason at 32x32.
+    """
+    if prediction_type == "flow":
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    return DDIMScheduler(**scheduler_config(prediction_type or "v_prediction"))
+
+
+def weights_dir_of(prediction_type: str) -> Path:
+    """Where the pretraining command exports the weights of an objective by default."""
+    return FLOW_WEIGHTS_DIR if prediction_type == "flow" else WEIGHTS_DIR
 
 
 def make_prompt_encoder() -> TransformerPromptEncoder:
@@ -137,8 +157,11 @@ def load_builtin_denoiser(
     unet.eval()
     # The exported scheduler is the one the weights were trained with (the pretraining script
     # writes it next to them); the built-in configuration stands in for a bare UNet directory.
-    if (weights_dir / SCHEDULER_CONFIG_NAME).is_file():
-        scheduler = DDIMScheduler.from_pretrained(weights_dir, local_files_only=True)
+    scheduler_file = weights_dir / SCHEDULER_CONFIG_NAME
+    if scheduler_file.is_file():
+        kind = json.loads(scheduler_file.read_text()).get("_class_name")
+        scheduler_class = FlowMatchEulerDiscreteScheduler if kind == FlowMatchEulerDiscreteScheduler.__name__ else DDIMScheduler
+        scheduler = scheduler_class.from_pretrained(weights_dir, local_files_only=True)
     else:
         scheduler = make_scheduler()
     return PixelUNetDenoiser(

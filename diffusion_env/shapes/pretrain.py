@@ -1,9 +1,13 @@
 """Pretraining of the built-in model from scratch: ``python -m diffusion_env.shapes.pretrain``.
 
 Trains the ``UNet2DConditionModel`` of :mod:`diffusion_env.shapes.model` on procedural scenes
-generated on the fly (:func:`diffusion_env.shapes.scenes.sample_training_batch`) with the MSE of the
-scheduler's prediction type (v-prediction for the built-in model, or epsilon), keeps an exponential moving average (EMA) of its weights, and exports the
-EMA network with ``save_pretrained`` to the package's weights directory.
+generated on the fly (:func:`diffusion_env.shapes.scenes.sample_training_batch`) with the MSE of
+its objective's regression target (``--prediction-type``: v-prediction for ``shapes32``, epsilon,
+or ``flow``, the rectified-flow velocity of its twin ``shapes32-flow``), keeps an exponential
+moving average (EMA) of its weights, and exports the EMA network with ``save_pretrained`` to the
+package's weights directory of that objective. The noisy inputs and targets are those of the
+environment's own sampler of the objective's scheduler (``training_timesteps``, ``noisy_latents``,
+``regression_target``), the ones RWR trains with.
 
 A run is resumable: every ``--checkpoint-every`` steps the UNet, the EMA weights (safetensors),
 the optimizer, every random-number generator and the loss history (``torch.save``, read back with
@@ -12,8 +16,8 @@ the optimizer, every random-number generator and the loss history (``torch.save`
 atomically replaced ``latest`` pointer, so an interrupted write never damages the previous
 checkpoint. ``--resume`` continues the run bit for bit, as if it had never stopped.
 
-``--evaluate`` samples images for train prompts with the environment's sampler (DDIM, eta = 1,
-20 steps) at one or more guidance scales, reads them back with the scene parser and reports how
+``--evaluate`` samples images for train prompts with the environment's default sampler (DDIM with
+eta = 1 for the DDPM objectives, Flow-GRPO's SDE for flow; 20 steps) at one or more guidance scales, reads them back with the scene parser and reports how
 often each attribute matches the prompt.
 """
 
@@ -30,7 +34,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, UNet2DConditionModel
+from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 from tqdm import tqdm
 
@@ -39,6 +43,8 @@ from diffusion_env.shapes import model as builtin_model, scenes
 from diffusion_env.images import image_grid
 from diffusion_env.backends.pixel_unet import PixelUNetDenoiser
 from diffusion_env.backends.text_encoders import TransformerPromptEncoder
+from diffusion_env.samplers import Sampler, make_sampler
+from diffusion_env.samplers.flow import FlowSampler
 
 #: Completed checkpoints kept on disk (older ones are deleted once a newer one is current).
 CHECKPOINTS_KEPT: int = 2
@@ -108,8 +114,15 @@ def _check_config(config: TrainConfig) -> None:
         raise ValueError(f"cfg_dropout must be in [0, 1), got {config.cfg_dropout}")
     if config.lr <= 0 or not math.isfinite(config.lr):
         raise ValueError(f"lr must be a positive number, got {config.lr}")
-    if config.prediction_type not in ("epsilon", "v_prediction"):
-        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {config.prediction_type!r}")
+    if config.prediction_type not in builtin_model.PREDICTION_TYPES:
+        raise ValueError(f"prediction_type={config.prediction_type!r}; allowed: {list(builtin_model.PREDICTION_TYPES)}")
+    own_folder = builtin_model.weights_dir_of(config.prediction_type)
+    for folder in {builtin_model.WEIGHTS_DIR, builtin_model.FLOW_WEIGHTS_DIR} - {own_folder}:
+        if config.export_dir is not None and Path(config.export_dir).resolve() == folder:
+            raise ValueError(
+                f"export_dir {folder} holds the shipped weights of another objective than {config.prediction_type!r}; "
+                f"allowed: {own_folder} or a folder of your own"
+            )
 
 
 def new_state(config: TrainConfig) -> TrainState:
@@ -150,16 +163,18 @@ def _images_to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def _loss_weights(scheduler: DDIMScheduler, timesteps: torch.Tensor, snr_gamma: float) -> torch.Tensor:
-    """Per-sample weights of the MSE: 1, or min-SNR-gamma (Hang et al., 2023).
+def _loss_weights(sampler: Sampler, timesteps: torch.Tensor, snr_gamma: float) -> torch.Tensor:
+    """Per-sample weights of the MSE: 1, or for the DDPM objectives min-SNR-gamma (Hang et al., 2023).
 
     Min-SNR caps the weight that the loss puts on the clean-image error at gamma: for epsilon
     prediction a sample is weighted by min(SNR_t, gamma) / SNR_t, for v-prediction by
     min(SNR_t, gamma) / (SNR_t + 1). Both lower nearly clean timesteps (fine detail) relative to
-    the noisy ones where colours and layout are decided.
+    the noisy ones where colours and layout are decided. The flow objective weights every t alike
+    (rectified flow's plain velocity MSE).
     """
-    if snr_gamma <= 0:
+    if snr_gamma <= 0 or isinstance(sampler, FlowSampler):
         return torch.ones(timesteps.shape[0])
+    scheduler = sampler.scheduler
     alphas_cumprod = scheduler.alphas_cumprod[timesteps]
     snr = alphas_cumprod / (1.0 - alphas_cumprod)
     if scheduler.config.prediction_type == "v_prediction":
@@ -170,7 +185,7 @@ def _loss_weights(scheduler: DDIMScheduler, timesteps: torch.Tensor, snr_gamma: 
 def train_step(
     state: TrainState,
     config: TrainConfig,
-    scheduler: DDIMScheduler,
+    sampler: Sampler,
     prompt_encoder: TransformerPromptEncoder,
 ) -> float:
     """One optimisation step on a fresh batch; returns the batch loss."""
@@ -183,10 +198,8 @@ def train_step(
     dropped = torch.rand(config.batch_size, generator=generator) < config.cfg_dropout
     captions = ["" if drop else text for drop, text in zip(dropped.tolist(), captions)]
     noise = torch.randn(clean.shape, generator=generator)
-    timesteps = torch.randint(
-        0, scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator
-    )
-    noisy = scheduler.add_noise(clean, noise, timesteps)
+    timesteps = sampler.training_timesteps(config.batch_size, generator)
+    noisy = sampler.noisy_latents(clean, noise, timesteps)
     # One prompt per encoder call: a batched call pads and multiplies differently per batch, and
     # the per-prompt cache would then make the embeddings depend on the run's history, breaking
     # bit-exact resumption.
@@ -194,13 +207,10 @@ def train_step(
 
     for group in state.optimizer.param_groups:
         group["lr"] = learning_rate(config, state.step)
-    if scheduler.config.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(clean, noise, timesteps)
-    else:
-        target = noise
+    target = sampler.regression_target(clean, noise, timesteps)
     prediction = state.unet(noisy, timesteps, encoder_hidden_states=prompt_embeds).sample
     per_sample = (prediction - target).square().mean(dim=(1, 2, 3))
-    loss = (per_sample * _loss_weights(scheduler, timesteps, config.snr_gamma)).mean()
+    loss = (per_sample * _loss_weights(sampler, timesteps, config.snr_gamma)).mean()
     if not torch.isfinite(loss):
         raise FloatingPointError(f"non-finite loss {loss.item()} at step {state.step}")
     state.optimizer.zero_grad(set_to_none=True)
@@ -230,7 +240,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> T
         config, state = load_checkpoint(config.output_dir, config)
     else:
         state = new_state(config)
-    scheduler = builtin_model.make_scheduler(config.prediction_type)
+    # Only the sampler's training functions are used: its number of steps does not matter.
+    sampler = make_sampler(builtin_model.make_scheduler(config.prediction_type), num_inference_steps=20)
     prompt_encoder = builtin_model.make_prompt_encoder()
     config.output_dir.mkdir(parents=True, exist_ok=True)
     (config.output_dir / "config.json").write_text(json.dumps(config.to_json(), indent=2))
@@ -238,7 +249,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> T
     bar = tqdm(total=config.steps, initial=state.step, desc="pretrain", disable=not progress, dynamic_ncols=True)
     running: float | None = None
     while state.step < config.steps:
-        loss = train_step(state, config, scheduler, prompt_encoder)
+        loss = train_step(state, config, sampler, prompt_encoder)
         running = loss if running is None else 0.98 * running + 0.02 * loss
         bar.update(1)
         bar.set_postfix(loss=f"{running:.4f}", lr=f"{learning_rate(config, state.step - 1):.1e}")
@@ -363,7 +374,7 @@ def plot_losses(losses: Sequence[float], path: Path) -> None:
         smooth = np.convolve(values, np.ones(window) / window, mode="valid")
         ax.plot(np.arange(window, len(values) + 1), smooth, lw=1.5, label=f"{window}-step mean")
     ax.set_xlabel("step")
-    ax.set_ylabel("epsilon MSE")
+    ax.set_ylabel("MSE of the prediction")
     ax.set_yscale("log")
     ax.legend()
     ax.grid(alpha=0.3)
@@ -385,22 +396,23 @@ def sample_images(
     eta: float = 1.0,
     batch_size: int = 64,
 ) -> np.ndarray:
-    """uint8 images ``(N, H, W, 3)`` for ``prompts`` with the environment's sampler.
-
-    DDIM with ``eta`` and ``num_inference_steps`` (the environment defaults: 1.0 and 20), run by
-    diffusers' ``DDIMScheduler.step`` on a private copy of the denoiser's scheduler.
+    """uint8 images ``(N, H, W, 3)`` for ``prompts`` with the environment's default sampler of the
+    denoiser's scheduler, with ``num_inference_steps`` (the environment's default: 20) and, for
+    DDIM, ``eta`` (default 1.0).
     """
-    scheduler = DDIMScheduler.from_config(denoiser.scheduler.config)
-    scheduler.set_timesteps(num_inference_steps)
+    options = {} if isinstance(denoiser.scheduler, FlowMatchEulerDiscreteScheduler) else {"eta": eta}
+    sampler = make_sampler(denoiser.scheduler, num_inference_steps, **options)
     generator = torch.Generator().manual_seed(seed)
     chunks = []
     for start in range(0, len(prompts), batch_size):
         batch = list(prompts[start : start + batch_size])
         embeds = denoiser.encode_prompts(batch)
         latents = torch.randn((len(batch), *denoiser.latent_shape), generator=generator)
-        for t in scheduler.timesteps:
-            output = denoiser.predict(latents, t.expand(len(batch)), embeds, guidance_scale)
-            latents = scheduler.step(output, t, latents, eta=eta, generator=generator).prev_sample
+        for k in range(num_inference_steps):
+            step = torch.full((len(batch),), k)
+            output = denoiser.predict(latents, sampler.timesteps[step], embeds, guidance_scale)
+            mean = sampler.mean(latents, output, step)
+            latents = sampler.sample(mean, step, torch.randn(latents.shape, generator=generator))
         chunks.append(denoiser.decode(latents).cpu().numpy())
     return np.concatenate(chunks)
 
@@ -465,8 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="probability of training on the empty prompt, for classifier-free guidance")
     parser.add_argument("--snr-gamma", type=float, default=defaults.snr_gamma,
                         help="min-SNR loss weighting gamma (0: uniform weighting)")
-    parser.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=defaults.prediction_type,
-                        help="what the UNet predicts: the noise, or v = sqrt(a) eps - sqrt(1 - a) x0")
+    parser.add_argument("--prediction-type", choices=builtin_model.PREDICTION_TYPES, default=defaults.prediction_type,
+                        help="what the UNet predicts: the noise, v = sqrt(a) eps - sqrt(1 - a) x0, or the "
+                        "rectified-flow velocity eps - x0 (flow: the shapes32-flow twin)")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of weights, scenes and noise")
     parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every,
                         help="steps between checkpoints")
@@ -474,8 +487,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--unet-config", type=Path, default=None,
                         help="JSON file of UNet2DConditionModel keyword arguments replacing the built-in ones")
-    parser.add_argument("--export-dir", type=Path, default=defaults.export_dir,
-                        help="where the EMA UNet is exported with save_pretrained at the end")
+    parser.add_argument("--export-dir", type=Path, default=None,
+                        help="where the EMA UNet is exported with save_pretrained at the end (default: the "
+                        f"package's folder of the objective, {builtin_model.WEIGHTS_DIR.name}/ or "
+                        f"{builtin_model.FLOW_WEIGHTS_DIR.name}/)")
     parser.add_argument("--no-export", action="store_true", help="do not export the EMA UNet at the end")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --output-dir from its latest checkpoint, bit for bit")
@@ -504,7 +519,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         for f in fields(TrainConfig)
         if f.name not in ("export_dir", "unet_config") and hasattr(args, f.name)
     }
-    return TrainConfig(**flagged, export_dir=None if args.no_export else args.export_dir, unet_config=unet_config)
+    export_dir = args.export_dir if args.export_dir is not None else builtin_model.weights_dir_of(args.prediction_type)
+    return TrainConfig(**flagged, export_dir=None if args.no_export else export_dir, unet_config=unet_config)
 
 
 def run_evaluation(args: argparse.Namespace) -> dict[str, dict[str, float]]:
