@@ -1,4 +1,4 @@
-"""The throughput benchmarks run end to end at tiny settings on the test-sized model and print their figures.
+"""The benchmarks run end to end at tiny settings (the test-sized model, or the built-in one for its quality) and print their figures.
 
 Only that the figures are printed is checked: the timings of a busy test machine mean nothing.
 """
@@ -66,3 +66,12 @@ def test_train_throughput_compares_training_epochs_of_one_and_two_processes(caps
     with pytest.raises(SystemExit):
         run_main("train_throughput.py", ["--processes", "3", "--num-envs", "4"])
     assert "allowed: 2 or more processes that divide --num-envs" in capsys.readouterr().err
+
+
+def test_builtin_model_quality_reads_each_split_with_the_scene_parser(tmp_path, capsys):
+    run_main("builtin_model_quality.py", ["--samples", "2", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "shapes32: GaussianTransition of DDIMScheduler, 20 steps, guidance 1.0" in out
+    for split in ("train", "held-out"):
+        assert re.search(rf"^\s*{split}(\s+\d\.\d{{3}}){{6}}$", out, re.MULTILINE)
+    assert (tmp_path / "samples_train.png").is_file() and (tmp_path / "samples_held-out.png").is_file()
