@@ -1,8 +1,9 @@
 """The configuration of a training run: one table per concern, as in the TOML files of ``agents/configs/``.
 
     [run]         epochs, seed, device, checkpoint_every, keep_checkpoints
-    [env]         model, prompts or prompt_file, num_inference_steps, eta, guidance_scale,
-                  num_envs, samples_per_prompt, batches_per_epoch, shared_noise, branch_step
+    [env]         model, prompts or prompt_file, num_inference_steps, eta, sampler, sampler_options,
+                  guidance_scale, num_envs, samples_per_prompt, batches_per_epoch, shared_noise,
+                  branch_step, height, width, negative_prompt
     [reward]      name, monitor
     [advantages]  per_prompt, tracker_buffer_size, tracker_min_count, clip
     [optimizer]   learning_rate, lora_rank, max_grad_norm
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import tomllib
 import types
@@ -46,7 +48,7 @@ def _allowed(hint: Any) -> str:
         return " or ".join(_allowed(arg) for arg in typing.get_args(hint))
     if typing.get_origin(hint) is Literal:
         return "one of " + ", ".join(repr(arg) for arg in typing.get_args(hint))
-    words = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "none (omit the key)"}
+    words = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a table", type(None): "none (omit the key)"}
     return words.get(hint, getattr(hint, "__name__", str(hint)))
 
 
@@ -141,7 +143,16 @@ class EnvSettings(_Table):
         default=None, metadata={"help": "text file of prompts, one a line, used instead of prompts (recorded as its absolute path)"}
     )
     num_inference_steps: int = field(default=20, metadata={"help": "denoising steps per trajectory"})
-    eta: float = field(default=1.0, metadata={"help": "DDIM eta in (0, 1]"})
+    eta: float | None = field(default=None, metadata={"help": "DDIM eta in (0, 1]", "default": "the sampler's, 1.0 for DDIM"})
+    sampler: str | None = field(
+        default=None,
+        metadata={"help": "registered sampler name (ddim_ddpm, flow)", "default": "the one of the model's scheduler"},
+    )
+    sampler_options: dict = field(
+        default_factory=dict,
+        metadata={"help": "the sampler's own options, a TOML table or JSON object, e.g. {\"noise\": \"dance\", "
+                  "\"noise_level\": 0.5, \"window\": [0, 3]} for the flow samplers", "default": "none"},
+    )
     guidance_scale: float | None = field(default=None, metadata={"help": "classifier-free guidance", "default": "the model's"})
     num_envs: int = field(default=16, metadata={"help": "trajectories sampled per batch"})
     samples_per_prompt: int = field(default=1, metadata={"help": "samples of each prompt in a batch (divides num_envs)"})
@@ -419,12 +430,25 @@ def _flag(config_field: dataclasses.Field) -> str:
     return "--" + config_field.metadata.get("flag", config_field.name).replace("_", "-")
 
 
+def _json_object(text: str) -> dict[str, Any]:
+    """A flag's JSON object (``--sampler-options '{"noise": "dance"}'``)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON ({error}); allowed: a JSON object such as '{{\"key\": 1}}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object; allowed: a JSON object such as '{{\"key\": 1}}'")
+    return value
+
+
 def _argument_type(hint: Any) -> dict[str, Any]:
     """argparse keywords for a field of type ``hint``."""
     arguments = [arg for arg in typing.get_args(hint) if arg is not type(None)] if typing.get_origin(hint) in (Union, types.UnionType) else [hint]
     kind = arguments[0]
     if kind is bool:
         return {"action": argparse.BooleanOptionalAction}
+    if kind is dict:
+        return {"type": _json_object, "metavar": "JSON"}
     if typing.get_origin(kind) is Literal:
         return {"choices": list(typing.get_args(kind))}
     return {"type": kind if kind in (int, float) else str}

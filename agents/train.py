@@ -94,6 +94,8 @@ class Run:
             prompts=prompts,
             num_inference_steps=env_config.num_inference_steps,
             eta=env_config.eta,
+            sampler=env_config.sampler,
+            sampler_options=env_config.sampler_options,
             guidance_scale=env_config.guidance_scale,
             device=device,
             array_type="torch",

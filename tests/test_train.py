@@ -102,7 +102,7 @@ def test_resume_refuses_changed_settings_naming_each(tmp_path):
         train(changed, tmp_path, resume=True)
     message = str(error.value)
     assert "[optimizer] learning_rate: saved 0.001, given 0.0005" in message
-    assert "[env] eta: saved 1.0, given 0.5" in message and "[run] epochs" in message  # allowed changes listed
+    assert "[env] eta: saved None, given 0.5" in message and "[run] epochs" in message  # allowed changes listed
     # More epochs is allowed and continues from the checkpoint.
     assert len(train(config.with_changes({"run": {"epochs": 2}}), tmp_path, resume=True)) == 2
 

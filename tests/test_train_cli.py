@@ -120,3 +120,28 @@ def test_prompts_from_a_file_are_recorded_by_path(tmp_path, capsys):
     capsys.readouterr()
     message = error_of([*TINY_FLAGS, "--prompt-file", str(tmp_path / "none.txt"), "--output-dir", str(tmp_path / "b")], capsys)
     assert "none.txt' does not exist" in message
+
+
+def test_the_sampler_and_its_options_come_from_the_config_and_reach_the_environment(tmp_path, capsys):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from agents.train import Run
+    from diffusion_env.backends import PixelUNetDenoiser, register_model, tiny_random_denoiser
+    from diffusion_env.samplers.flow import FlowSampler
+
+    def tiny_flow_model():
+        tiny = tiny_random_denoiser()  # its UNet's output read as a velocity
+        return PixelUNetDenoiser(tiny.unet, FlowMatchEulerDiscreteScheduler(), tiny.prompt_encoder)
+
+    register_model("tiny-flow-test", tiny_flow_model, overwrite=True)
+    config_file = tmp_path / "flow.toml"
+    config_file.write_text('[env]\nmodel = "tiny-flow-test"\nsampler_options = { noise = "cps", noise_level = 0.5 }\n')
+    config, *_ = parse_args(["--config", str(config_file), "--output-dir", str(tmp_path / "out"), *TINY_FLAGS[2:],
+                             "--sampler-options", '{"noise": "dance", "noise_level": 0.5, "window": [0, 1]}'])
+    assert config.env.sampler_options == {"noise": "dance", "noise_level": 0.5, "window": [0, 1]}  # the flag wins
+    sampler = Run(config).env.unwrapped.sampler
+    assert isinstance(sampler, FlowSampler) and (sampler.noise, sampler.noise_level, sampler.window) == ("dance", 0.5, (0, 1))
+    capsys.readouterr()
+    assert error_of(["--output-dir", str(tmp_path), "--sampler-options", "{noise"], capsys).endswith(
+        "allowed: a JSON object such as '{\"key\": 1}'"
+    )
