@@ -1,6 +1,6 @@
 """The configuration of a training run: one table per concern, as in the TOML files of ``agents/configs/``.
 
-    [run]         epochs, seed, device, checkpoint_every, keep_checkpoints
+    [run]         epochs, seed, device, checkpoint_every, keep_checkpoints, compile, tf32
     [env]         model, prompts or prompt_file, num_inference_steps, eta, sampler, sampler_options,
                   guidance_scale, num_envs, samples_per_prompt, batches_per_epoch, shared_noise,
                   branch_step, height, width, negative_prompt
@@ -120,10 +120,21 @@ class RunSettings(_Table):
     device: str = field(default_factory=_default_device, metadata={"help": "torch device", "default": "cuda if available, else cpu"})
     checkpoint_every: int = field(default=1, metadata={"help": "epochs between checkpoints (the last epoch is always saved)"})
     keep_checkpoints: int = field(default=0, metadata={"help": "checkpoints kept on disk, the latest ones; 0 keeps all"})
+    compile: str | None = field(
+        default=None,
+        metadata={"help": "torch.compile the network with this backend (inductor on a GPU; eager or aot_eager to check "
+                  "a model compiles)", "default": "not compiled"},
+    )
+    tf32: bool = field(
+        default=True, metadata={"help": "on CUDA, float32 matrix products and convolutions in TF32 (Ampere and newer)"}
+    )
 
     def validate(self) -> None:
         self._at_least(("epochs", "checkpoint_every"), 1)
         self._at_least(("keep_checkpoints",), 0)
+        backends = torch.compiler.list_backends(exclude_tags=())
+        if self.compile is not None and self.compile not in backends:
+            raise ConfigError(f"compile={self.compile!r}; allowed: a torch.compile backend, one of {backends}")
 
 
 @dataclass

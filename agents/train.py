@@ -82,6 +82,11 @@ class Run:
         device = str(check_device(config.run.device))
         self.processes = processes or launched_processes(device)
         device = self.processes.device(device)
+        if torch.device(device).type == "cuda":
+            # TF32 tensor cores for float32 matmuls and convolutions: ~10 bits of mantissa, as the
+            # half-precision frozen parts already have.
+            torch.backends.cuda.matmul.allow_tf32 = config.run.tf32
+            torch.backends.cudnn.allow_tf32 = config.run.tf32
         seed = self.processes.seed(config.run.seed)
         self.algorithm = get_algorithm(config.algorithm.name)
         env_config = config.env
@@ -111,6 +116,10 @@ class Run:
             self.trainable = self.policy.add_lora(config.optimizer.lora_rank, seed=config.run.seed)
         else:
             self.trainable = dict(self.policy.network.named_parameters())
+        if config.run.compile is not None:
+            # In place (nn.Module.compile), after the adapters exist: sampling and training both
+            # run the compiled network, and the reference below shares or copies it.
+            self.policy.network.compile(backend=config.run.compile)
         # With LoRA the reference is the same network with its adapters off; else a frozen copy.
         needs_reference = reference and self.algorithm.uses_reference(config.algorithm.config)
         self.reference = make_reference(self.policy) if needs_reference else None

@@ -226,3 +226,15 @@ def test_shipped_configs_name_registered_rewards_and_prompt_sets(config_file):
         make_reward(config.reward.monitor)
     assert config.env.num_envs % config.env.samples_per_prompt == 0
     assert config.optimizer.lora_rank == 0 and config.algorithm.name in ("ddpo-is", "grpo")
+
+
+def test_a_compiled_network_trains_as_the_eager_one(tmp_path):
+    # dynamo captures the network's graphs for real; the "eager" backend runs them without code
+    # generation (inductor's, for a GPU, takes a minute on a CPU), so the figures match exactly.
+    plain, compiled = (Run(tiny(run={"epochs": 1, "compile": backend})) for backend in (None, "eager"))
+    for run in (plain, compiled):
+        run.train_epoch()
+    for name, parameter in plain.trainable.items():
+        assert torch.equal(compiled.trainable[name], parameter), name
+    with pytest.raises(ConfigError, match="allowed: a torch.compile backend"):
+        tiny(run={"compile": "no-such-backend"})
