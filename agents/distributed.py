@@ -27,6 +27,7 @@ The base class :class:`Processes` is the single-process run, where every collect
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
@@ -70,6 +71,12 @@ class Processes:
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
+
+    def synchronizing(self, network: nn.Module, sync: bool) -> contextlib.AbstractContextManager[object]:
+        """The context of a forward and backward pass through the wrapped ``network``: with ``sync``
+        False (a minibatch whose gradient is accumulated, not yet stepped on) the ranks skip
+        averaging it, which the next synchronised pass does for the sum."""
+        return contextlib.nullcontext()
 
     def clip_grad_norm(self, parameters: Sequence[torch.Tensor], max_norm: float) -> float:
         """Clips the gradients' total norm to ``max_norm``; returns the norm before clipping."""
@@ -163,6 +170,9 @@ class AcceleratedProcesses(Processes):
 
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)
+
+    def synchronizing(self, network: nn.Module, sync: bool) -> contextlib.AbstractContextManager[object]:
+        return contextlib.nullcontext() if sync else self.accelerator.no_sync(network)
 
     def clip_grad_norm(self, parameters: Sequence[torch.Tensor], max_norm: float) -> float:
         # accelerate unscales float16 mixed-precision gradients before taking their norm.

@@ -73,7 +73,8 @@ def assert_same_parameters(first: dict, second: dict) -> None:
 
 
 def test_grpo_ranks_stay_identical_draw_their_own_noise_and_share_the_group_advantages(tmp_path):
-    config = tables(env={"shared_noise": True}, algorithm={"name": "grpo", "minibatch_size": 2})
+    # Two minibatches per optimiser step: the first one's gradient is accumulated without averaging.
+    config = tables(env={"shared_noise": True}, algorithm={"name": "grpo", "minibatch_size": 2, "gradient_accumulation": 2})
     accelerate_launch(str(WORKER), json.dumps(config), str(tmp_path))
     grpo = TrainConfig.from_tables(config)
     previous = None

@@ -164,7 +164,9 @@ def policy_gradient_pass(
     In a run of several ``processes`` every rank must take the same optimiser steps (the
     gradients are averaged in each backward pass): a rank with fewer minibatches than another
     repeats its last one with weight 0 (its gradient is 0; it is not logged), and the early stop
-    reads the approx-KL of all ranks.
+    reads the approx-KL of all ranks. The gradients of the minibatches before an optimiser step
+    are accumulated on each rank (the wrapped module's ``no_sync``) and averaged once, in the
+    step's last backward pass.
 
     Returns True if it stopped early: after an optimiser step whose minibatches' mean
     ``approx_kl`` (a diagnostic of the objective) exceeded ``target_kl``.
@@ -185,29 +187,31 @@ def policy_gradient_pass(
     step_kl = torch.zeros(2, dtype=torch.float64)
     for index in range(1, total + 1):
         own = index <= len(minibatches)
+        steps_after = index % accumulation == 0 or index == total
         samples, steps = minibatches[min(index, len(minibatches)) - 1]
         obs = trajectories.observations(samples, steps)
         actions = trajectories.actions(samples, steps)
-        # The minibatch's step indices k index the sampler's tables directly.
-        mean = policy.mean(obs)
-        loss, stats = objective(policy.sampler.log_prob(actions, mean, steps), samples, steps, actions)
-        if kl_coefficient > 0:
-            with torch.no_grad():
-                reference_mean = reference.mean(obs)
-            kl = policy.sampler.kl_divergence(mean, reference_mean, steps).mean()
-            loss = loss + kl_coefficient * kl
-            stats["kl_to_reference"] = kl.detach()
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise NonFiniteError(f"the {name} loss is {loss_value}; stopping before the optimiser applies it")
-        processes.backward(loss * ((1.0 if own else 0.0) / accumulation))
+        with processes.synchronizing(policy.network, steps_after):
+            # The minibatch's step indices k index the sampler's tables directly.
+            mean = policy.mean(obs)
+            loss, stats = objective(policy.sampler.log_prob(actions, mean, steps), samples, steps, actions)
+            if kl_coefficient > 0:
+                with torch.no_grad():
+                    reference_mean = reference.mean(obs)
+                kl = policy.sampler.kl_divergence(mean, reference_mean, steps).mean()
+                loss = loss + kl_coefficient * kl
+                stats["kl_to_reference"] = kl.detach()
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise NonFiniteError(f"the {name} loss is {loss_value}; stopping before the optimiser applies it")
+            processes.backward(loss * ((1.0 if own else 0.0) / accumulation))
         if own:
             figures.setdefault("loss", []).append(loss_value)
             for key, value in stats.items():
                 figures.setdefault(key, []).append(float(value))
             if "approx_kl" in stats:
                 step_kl += torch.tensor([float(stats["approx_kl"]), 1.0], dtype=torch.float64)
-        if index % accumulation == 0 or index == total:
+        if steps_after:
             figures.setdefault("grad_norm", []).append(clipped_step(optimizer, trainable, max_grad_norm, processes))
             if math.isfinite(target_kl):
                 kl_sum, count = processes.sum(step_kl).tolist()
