@@ -103,6 +103,9 @@ def colorfulness(
 
 _COMBINATION_OPERATORS = re.compile(r"[+*]|-")
 
+#: How a reward string that names a reward server (:mod:`~diffusion_env.rewards.remote`) starts.
+REWARD_URL_SCHEMES = ("http://", "https://")
+
 
 def _check_reward_name(name: str) -> None:
     if _COMBINATION_OPERATORS.search(name):
@@ -198,8 +201,8 @@ def _registered(name: str) -> RewardFn:
     """The reward registered as ``name``, built now if it was registered with a factory."""
     entry = REWARDS.get(
         name,
-        ", a weighted combination such as 'jpeg_compressibility+0.5*colorfulness', or a callable "
-        "(images, prompts, metadata) -> rewards",
+        ", a weighted combination such as 'jpeg_compressibility+0.5*colorfulness', a reward server's "
+        "URL 'http://host:port', or a callable (images, prompts, metadata) -> rewards",
     )
     if isinstance(entry, LazyReward):
         entry = entry.build()
@@ -353,8 +356,9 @@ def make_reward(reward: str | RewardFn | Reward | Sequence[RewardTerm]) -> Rewar
     """Resolves a reward into a checked :class:`Reward`.
 
     Accepts a registered name, a weighted combination of registered names
-    (``"jpeg_compressibility+0.5*colorfulness"``, see :func:`parse_combination`), a list of
-    ``(name_or_callable, weight)`` pairs, a callable or a :class:`Reward`.
+    (``"jpeg_compressibility+0.5*colorfulness"``, see :func:`parse_combination`), a reward
+    server's URL (``"http://127.0.0.1:8000"``, see :class:`~diffusion_env.rewards.remote.RemoteReward`),
+    a list of ``(name_or_callable, weight)`` pairs, a callable or a :class:`Reward`.
 
     Raises:
         ValueError: for an unknown name (the message lists the registered ones) or a combination
@@ -364,6 +368,11 @@ def make_reward(reward: str | RewardFn | Reward | Sequence[RewardTerm]) -> Rewar
     if isinstance(reward, Reward):
         return reward
     if isinstance(reward, str):
+        if reward.startswith(REWARD_URL_SCHEMES):
+            # Imported here: the client module imports this one.
+            from diffusion_env.rewards.remote import RemoteReward
+
+            return Reward(RemoteReward(reward), name=reward)
         if reward not in REWARDS and _COMBINATION_OPERATORS.search(reward):
             return Reward(CombinedReward(parse_combination(reward)), name=reward.replace(" ", ""))
         return Reward(_registered(reward), name=reward)
@@ -374,8 +383,8 @@ def make_reward(reward: str | RewardFn | Reward | Sequence[RewardTerm]) -> Rewar
         return Reward(combined, name=combined.__name__)
     raise TypeError(
         f"reward must be a registered name {available_rewards()}, a combination such as "
-        f"'jpeg_compressibility+0.5*colorfulness', a list of (name_or_callable, weight) pairs or a "
-        f"callable, got {type(reward).__name__}"
+        f"'jpeg_compressibility+0.5*colorfulness', a reward server's URL 'http://host:port', a list of "
+        f"(name_or_callable, weight) pairs or a callable, got {type(reward).__name__}"
     )
 
 
