@@ -16,6 +16,7 @@ EXAMPLES = Path(__file__).parent.parent / "examples"
         ("reinforce_with_baseline.py", ["--epochs", "2", "--num-envs", "2", "--num-inference-steps", "2", "--model", "tiny-random"]),
         ("denoising_mdp.py", []),
         ("plugging_in.py", ["--model", "my-tiny", "--num-inference-steps", "4", "--window", "1", "3"]),
+        ("reward_server.py", ["--model", "tiny-random", "--num-inference-steps", "2"]),
     ],
 )
 def test_example_runs(script, argv, monkeypatch, capsys):

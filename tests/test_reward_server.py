@@ -128,7 +128,7 @@ def test_round_trip_equals_the_in_process_reward(serve, make_vec_env):
         assert torch.equal(remote.rewards, local.rewards)
         assert remote.details.keys() == local.details.keys()
         for key, values in local.details.items():
-            np.testing.assert_array_equal(remote.details[key].astype(np.float32), values.astype(np.float32))
+            np.testing.assert_array_equal(remote.details[key], values.astype(np.float32))
     # Through the environment: the same episode pays the same rewards, bit for bit.
     by_url, in_process = make_vec_env(reward=server.url), make_vec_env(reward="jpeg_compressibility+0.5*colorfulness")
     step_to_last(by_url)
@@ -183,9 +183,10 @@ def test_a_server_slower_than_the_timeout_is_retried_then_a_clear_error(serve, m
     [
         (200, b"<html>busy</html>", "answered garbage: the reply is not JSON", 1),
         (200, b'{"rewards": [1.0]}', '"rewards" holds 1 numbers for 2 images', 1),
-        (200, b'{"rewards": [1.0, NaN]}', '"rewards" has non-finite values [1.0, nan]', 1),
+        (200, b'{"rewards": [1.0, NaN]}', '"rewards" are [1.0, nan], not all finite float32 numbers', 1),
         (200, b'{"rewards": [[1.0], [2.0]]}', "allowed: a list of 2 numbers", 1),
-        (200, b'{"rewards": [1.0, 2.0], "details": {"k": [1]}}', "detail 'k' is [1]; allowed: a list of 2 numbers or nulls", 1),
+        (200, b'{"rewards": [1.0, 1e39]}', '"rewards" are [1.0, 1e+39], not all finite float32 numbers', 1),
+        (200, b'{"rewards": [1.0, 2.0], "details": {"k": [1]}}', "detail 'k' is [1]; allowed: a list of 2 finite numbers or nulls", 1),
         (200, b"[1.0, 2.0]", "the reply is a JSON list; allowed: a JSON object", 1),
         (404, b'{"detail": "Not Found"}', "refused the batch with HTTP 404: Not Found", 1),
         (500, b"Internal Server Error", "failed 3 times (timeout 5 s each); last: HTTP 500: Internal Server Error", 3),

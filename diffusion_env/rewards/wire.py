@@ -36,6 +36,8 @@ import torch
 #: The version :func:`encode_request` writes and the ``/health`` reply names.
 WIRE_FORMAT = 1
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 
 def _json_default(value: Any) -> Any:
     """numpy scalars and arrays in metadata, as the JSON numbers and lists they hold."""
@@ -137,8 +139,15 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _is_float32(value: Any) -> bool:
+    """Whether ``value`` is a number that float32 holds as a finite value (False for NaN, infinities,
+    and numbers that would overflow)."""
+    return _is_number(value) and abs(value) <= _FLOAT32_MAX
+
+
 def decode_reply(body: bytes, batch: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """The rewards ``(B,)`` float32 and details (float64, NaN where null) of a reply (the client's half).
+    """The rewards ``(B,)`` and details (NaN where null), float32 as the figures of the built-in rewards,
+    of a reply (the client's half).
 
     Raises:
         ValueError: for a reply that is not JSON, or not B finite rewards, or details not of length B.
@@ -149,14 +158,14 @@ def decode_reply(body: bytes, batch: int) -> tuple[np.ndarray, dict[str, np.ndar
         raise ValueError(f'"rewards" is {str(rewards)[:80]}; allowed: a list of {batch} numbers')
     if len(rewards) != batch:
         raise ValueError(f'"rewards" holds {len(rewards)} numbers for {batch} images; allowed: one per image')
-    if not all(math.isfinite(value) for value in rewards):
-        raise ValueError(f'"rewards" has non-finite values {rewards}; allowed: finite numbers')
+    if not all(_is_float32(value) for value in rewards):
+        raise ValueError(f'"rewards" are {rewards}, not all finite float32 numbers; allowed: finite numbers')
     details = payload.get("details", {})
     if not isinstance(details, dict):
         raise ValueError(f'"details" is a JSON {type(details).__name__}; allowed: an object of per-sample lists')
     decoded = {}
     for key, values in details.items():
-        if not isinstance(values, list) or len(values) != batch or not all(v is None or _is_number(v) for v in values):
-            raise ValueError(f'detail {key!r} is {str(values)[:80]}; allowed: a list of {batch} numbers or nulls')
-        decoded[key] = np.asarray([math.nan if value is None else value for value in values], dtype=np.float64)
+        if not isinstance(values, list) or len(values) != batch or not all(v is None or _is_float32(v) for v in values):
+            raise ValueError(f'detail {key!r} is {str(values)[:80]}; allowed: a list of {batch} finite numbers or nulls')
+        decoded[key] = np.asarray([math.nan if value is None else value for value in values], dtype=np.float32)
     return np.asarray(rewards, dtype=np.float32), decoded
