@@ -18,8 +18,7 @@ import uvicorn
 from fastapi import FastAPI, Request, Response
 
 from agents.train import main as train_main
-from diffusion_env.rewards import RewardError, jpeg_compressibility, make_reward
-from diffusion_env.rewards.registry import Reward
+from diffusion_env.rewards import Reward, RewardError, jpeg_compressibility, make_reward
 from diffusion_env.rewards.remote import RemoteReward, RemoteRewardError
 from diffusion_env.rewards.server import create_app
 from diffusion_env.rewards.server import main as server_main
@@ -256,6 +255,8 @@ def test_bad_server_arguments_are_one_line_errors(capsys, argv, expected):
     [
         ({"url": "ftp://host:1"}, ValueError, "is not of the form 'http://host:port'"),
         ({"url": "http://host:1?x=1"}, ValueError, "is not of the form 'http://host:port'"),
+        ({"url": "http://host:port"}, ValueError, "is not of the form 'http://host:port'"),
+        ({"url": 8000}, ValueError, "is not of the form 'http://host:port'"),
         ({"timeout": 0}, ValueError, "timeout=0 is out of range; allowed: 0 < timeout"),
         ({"retries": -1}, ValueError, "retries=-1 is out of range"),
         ({"retries": 1.5}, TypeError, "retries must be an integer"),

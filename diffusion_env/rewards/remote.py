@@ -33,6 +33,22 @@ class RemoteRewardError(RewardError):
     """A reward server failed on a batch: unreachable, too slow, refused it, or answered garbage."""
 
 
+def _checked_url(url: Any) -> str:
+    """``url`` if it is ``http(s)://host[:port][/path]``, else a ValueError saying so."""
+    valid = isinstance(url, str) and url.startswith(REWARD_URL_SCHEMES)
+    if valid:
+        parts = urllib.parse.urlsplit(url)
+        try:
+            valid = bool(parts.hostname) and not (parts.query or parts.fragment) and parts.port != 0
+        except ValueError:  # urlsplit reads the port lazily: not a number, or out of range
+            valid = False
+    if not valid:
+        raise ValueError(
+            f"reward server URL {url!r} is not of the form 'http://host:port'; allowed: http(s)://host[:port][/path]"
+        )
+    return url
+
+
 def _prompt_preview(prompts: Sequence[str], shown: int = 2, width: int = 40) -> str:
     quoted = [repr(p if len(p) <= width else p[: width - 3] + "...") for p in prompts[:shown]]
     return ", ".join(quoted) + (f" and {len(prompts) - shown} more" if len(prompts) > shown else "")
@@ -55,10 +71,7 @@ class RemoteReward:
     """
 
     def __init__(self, url: str, timeout: float = 60.0, retries: int = 3, backoff: float = 0.5) -> None:
-        parsed = urllib.parse.urlsplit(url) if isinstance(url, str) and url.startswith(REWARD_URL_SCHEMES) else None
-        if parsed is None or not parsed.hostname or parsed.query or parsed.fragment:
-            raise ValueError(f"reward server URL {url!r} is not of the form 'http://host:port'; allowed: http(s)://host[:port][/path]")
-        self.url = url.rstrip("/")
+        self.url = _checked_url(url).rstrip("/")
         self.timeout = check_float("timeout", timeout, 0.0, exclusive_minimum=True)
         self.retries = check_int("retries", retries, 0)
         self.backoff = check_float("backoff", backoff, 0.0)

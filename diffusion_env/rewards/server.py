@@ -25,6 +25,7 @@ from diffusion_env.rewards.registry import REWARD_URL_SCHEMES, Reward, RewardErr
 from diffusion_env.rewards.wire import WIRE_FORMAT, decode_request, encode_reply
 from diffusion_env.validation import check_device, check_int
 
+
 def create_app(reward: Reward, device: torch.device) -> Any:
     """The FastAPI application serving ``reward`` on images placed on ``device``.
 
@@ -78,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reward", required=True, help="registered reward name or weighted combination, e.g. aesthetic")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
-    parser.add_argument("--device", default="cpu", help="torch device the images and the reward model are placed on")
+    parser.add_argument(
+        "--device", help="torch device the images, and a reward that is a torch module, are placed on (default: cuda if available, else cpu)"
+    )
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser
 
@@ -103,11 +106,11 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--reward {args.reward!r} is a URL; allowed: a registered reward name or combination to serve here")
     try:
         port = check_int("--port", args.port, 0, 65535)
-        device = check_device(args.device)
+        device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         reward = make_reward(args.reward)
     except (ValueError, TypeError, OSError, ImportError) as error:
         parser.error(str(error))
-    if isinstance(reward.fn, torch.nn.Module):
+    if isinstance(reward.fn, torch.nn.Module):  # e.g. the aesthetic scorer; plain functions follow their images
         reward.fn.to(device)
     app = create_app(reward, device)
     if not _is_loopback(args.host):
