@@ -220,7 +220,10 @@ class EnvSettings(_Table):
 class RewardSettings(_Table):
     """``[reward]``: the reward trained on, and one only logged."""
 
-    name: str = field(default="jpeg_compressibility", metadata={"help": "registered reward name", "flag": "reward"})
+    name: str = field(
+        default="jpeg_compressibility",
+        metadata={"help": "registered reward name, weighted sum (a+0.5*b) or reward server URL (http://host:port)", "flag": "reward"},
+    )
     monitor: str | None = field(
         default=None,
         metadata={"help": "reward scored on each epoch's images for logging only (charts/monitor/...), e.g. scene_alignment"},

@@ -54,7 +54,7 @@ from agents.policy import GaussianDenoisingPolicy
 from agents.rollouts import Outcomes, Trajectories, collect_trajectories
 from diffusion_env import checkpoints
 from diffusion_env.prompts import PromptSet
-from diffusion_env.rewards import make_reward
+from diffusion_env.rewards import RewardError, make_reward
 from diffusion_env.validation import check_device
 
 #: Settings a resumed run may change: they do not change what an epoch computes.
@@ -519,13 +519,19 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, bool, 
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``python -m agents.train``: set-up errors are one line on stderr with exit status 2."""
+    """Entry point of ``python -m agents.train``: set-up errors are one line on stderr with exit status 2; a
+    reward that fails during training (e.g. an unreachable reward server) is one line with exit status 1."""
     config, output_dir, resume, overwrite = parse_args(argv)
     try:
         run = prepare(config, output_dir, resume, overwrite)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as error:
         build_parser()[0].error(str(error))
-    history = run_training(run, output_dir)
+    try:
+        history = run_training(run, output_dir)
+    except RewardError as error:
+        # A reward that failed (a reward server that died or answers garbage) is not a bug to
+        # trace: say what failed, and that the run continues from its last checkpoint.
+        sys.exit(f"python -m agents.train: error: {error}; the checkpoints in {output_dir} are intact: continue with --resume")
     if run.processes.is_main:
         print(json.dumps(history[-1], indent=2))
 
