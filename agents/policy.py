@@ -113,7 +113,7 @@ class GaussianDenoisingPolicy(nn.Module):
     def add_lora(
         self,
         rank: int,
-        target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0"),
+        target_modules: tuple[str, ...] | None = None,
         seed: int = 0,
     ) -> dict[str, nn.Parameter]:
         """Freezes the network and adds LoRA adapters (Hu et al., 2021) through peft; returns them.
@@ -124,12 +124,16 @@ class GaussianDenoisingPolicy(nn.Module):
         the same adapters. The adapters are kept in float32 whatever the network's dtype: the
         optimiser's small steps on half-precision adapters round away (a back-end whose network is
         in half precision runs it under autocast). Only the returned parameters require gradients
-        afterwards.
+        afterwards. ``target_modules`` defaults to the back-end's ``lora_target_modules`` where it
+        declares them (the transformers' joint-attention projections), else the UNet's attention
+        projections ``to_q``, ``to_k``, ``to_v``, ``to_out.0``.
         """
         from peft import LoraConfig
 
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"rank={rank!r}; allowed: an int >= 1")
+        if target_modules is None:
+            target_modules = getattr(self.backend, "lora_target_modules", ("to_q", "to_k", "to_v", "to_out.0"))
         network = self.network
         config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(target_modules))
         existing = getattr(network, "peft_config", {}).get("default") if self.has_lora else None

@@ -18,6 +18,7 @@ import torch
 from gymnasium import spaces
 
 from diffusion_env.backends import DenoiserBackend, make_denoiser
+from diffusion_env.backends.base import backend_sampler_options
 from diffusion_env.prompts import PromptSet, make_prompt_set
 from diffusion_env.rewards import Reward, RewardFn, make_reward
 from diffusion_env.samplers import Sampler, SamplerFactory, make_sampler
@@ -66,7 +67,8 @@ class DenoisingCore:
         eta: DDIM's eta in (0, 1]; DDPM schedulers require 1.0; None leaves the sampler's default.
         sampler: a registered sampler name, a factory ``(scheduler, K, device=..., **options) ->
             Sampler``, or None for the default sampler of the back-end's scheduler type.
-        sampler_options: further keyword options of the sampler.
+        sampler_options: further keyword options of the sampler (they take precedence over the
+            options the back-end's schedule asks for, such as FLUX's ``mu``).
         height, width: the image size, for models whose resolution can be chosen (Stable
             Diffusion; default: the model's native size).
         negative_prompt: the prompt of classifier-free guidance's unconditional branch, for
@@ -126,6 +128,7 @@ class DenoisingCore:
         given = {"height": height, "width": width, "negative_prompt": negative_prompt}
         build_options = {**(model_options or {}), **{key: value for key, value in given.items() if value is not None}}
         self.backend = make_denoiser(model, device=device, dtype=dtype, **build_options)
+        options = {**backend_sampler_options(self.backend, num_inference_steps), **options}
         self.sampler: Sampler = make_sampler(
             self.backend.scheduler, num_inference_steps, sampler, device=self.backend.device, **options
         )

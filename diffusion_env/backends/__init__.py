@@ -2,8 +2,9 @@
 
 A model is named by a registered name (``"shapes32"``, ``"sd-1.5"``: :func:`register_model` adds
 one), a diffusers pipeline object, a folder written by a pipeline's ``save_pretrained``, or a
-Hugging Face hub id (Stable Diffusion 1.x/2.x and SDXL pipelines are built in, see
-:mod:`~diffusion_env.backends.pipelines`), or given as a :class:`DenoiserBackend` object.
+Hugging Face hub id (Stable Diffusion 1.x/2.x, SDXL, Stable Diffusion 3/3.5 and FLUX.1 pipelines
+are built in, see :mod:`~diffusion_env.backends.pipelines`), or given as a :class:`DenoiserBackend`
+object.
 A back-end built from a name remembers it (:func:`registered_name`), which is what a training
 run records in its saved configuration.
 """
@@ -20,7 +21,9 @@ import torch
 from diffusers import DiffusionPipeline
 
 from diffusion_env.backends.base import BackendModule, Conditioning, DenoiserBackend
+from diffusion_env.backends.flux import FluxBackend
 from diffusion_env.backends.pipelines import (
+    CHECKPOINTS,
     backend_for_pipeline,
     is_pipeline_source,
     load_pipeline,
@@ -28,7 +31,8 @@ from diffusion_env.backends.pipelines import (
     supported_pipelines,
 )
 from diffusion_env.backends.pixel_unet import PROMPT_EMBEDDING, PixelUNetDenoiser, tiny_random_denoiser
-from diffusion_env.backends.stable_diffusion import CHECKPOINTS, StableDiffusionBackend
+from diffusion_env.backends.sd3 import StableDiffusion3Backend
+from diffusion_env.backends.stable_diffusion import StableDiffusionBackend
 from diffusion_env.registry import Registry
 
 #: ``factory(**options) -> DenoiserBackend``; options such as ``height`` or ``negative_prompt``
@@ -38,6 +42,8 @@ ModelFactory = Callable[..., DenoiserBackend]
 MODELS: Registry[ModelFactory] = Registry("model", {"tiny-random": tiny_random_denoiser})
 register_pipeline_backend("StableDiffusionPipeline", StableDiffusionBackend)
 register_pipeline_backend("StableDiffusionXLPipeline", StableDiffusionBackend)
+register_pipeline_backend("StableDiffusion3Pipeline", StableDiffusion3Backend)
+register_pipeline_backend("FluxPipeline", FluxBackend)
 
 
 def _from_pipeline_source(source: str, **options: Any) -> DenoiserBackend:
@@ -55,8 +61,17 @@ def _tiny_sd(xl: bool, **options: Any) -> DenoiserBackend:
     return tiny_sd_backend(xl, **options)
 
 
+def _tiny_flow(family: str, **options: Any) -> DenoiserBackend:
+    # Imported when built, as the Stable Diffusion ones.
+    from diffusion_env.backends.tiny_flow_pipelines import tiny_flow_backend
+
+    return tiny_flow_backend(family, **options)
+
+
 MODELS.register("tiny-sd", functools.partial(_tiny_sd, False))
 MODELS.register("tiny-sdxl", functools.partial(_tiny_sd, True))
+MODELS.register("tiny-sd3", functools.partial(_tiny_flow, "sd3"))
+MODELS.register("tiny-flux", functools.partial(_tiny_flow, "flux"))
 _NAMES: weakref.WeakKeyDictionary[object, str] = weakref.WeakKeyDictionary()
 
 
@@ -145,8 +160,10 @@ __all__ = [
     "BackendModule",
     "Conditioning",
     "DenoiserBackend",
+    "FluxBackend",
     "ModelFactory",
     "PixelUNetDenoiser",
+    "StableDiffusion3Backend",
     "StableDiffusionBackend",
     "available_models",
     "make_denoiser",

@@ -4,7 +4,10 @@ A back-end bundles a prompt encoder, a conditional network with classifier-free 
 diffusers scheduler that defines its sampler, and a decoder from latents to images. It declares
 the conditioning entries of the observation (``conditioning_shapes``): one token sequence for the
 built-in model (``"prompt_embedding"``), more for models that need them (pooled text embeddings
-and time ids for SDXL, a guidance value for FLUX). Back-ends import nothing of the environment.
+for SDXL, Stable Diffusion 3 and FLUX, time ids for SDXL). A back-end whose schedule needs more
+than its scheduler's configuration (FLUX's resolution-dependent shift) says so through an
+optional ``sampler_options(num_inference_steps)`` method (:func:`backend_sampler_options`).
+Back-ends import nothing of the environment.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Callable, Mapping, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -72,6 +75,14 @@ class DenoiserBackend(Protocol):
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> DenoiserBackend:
         """Moves the back-end (in place, like ``nn.Module.to``) and returns it."""
         ...
+
+
+def backend_sampler_options(backend: DenoiserBackend, num_inference_steps: int) -> dict[str, Any]:
+    """The sampler options ``backend``'s schedule needs beyond its scheduler's configuration (e.g.
+    FLUX's ``mu`` and ``sigmas``), from its optional ``sampler_options(num_inference_steps)``
+    method; empty for a back-end without one. Options the caller gives take precedence."""
+    options = getattr(backend, "sampler_options", None)
+    return dict(options(num_inference_steps)) if callable(options) else {}
 
 
 class BackendModule(nn.Module):

@@ -1,13 +1,15 @@
 """diffusers pipelines as back-ends: loading one by hub id or folder, and wrapping it by its type.
 
 A model may be named by a diffusers pipeline object, a local folder written by a pipeline's
-``save_pretrained``, or a Hugging Face hub id. The pipeline's type picks the back-end class that
-wraps it (:func:`register_pipeline_backend`): Stable Diffusion 1.x/2.x and SDXL are built in; a
-new model family is one back-end module and one registration.
+``save_pretrained``, or a Hugging Face hub id (:data:`CHECKPOINTS` names common ones). The
+pipeline's type picks the back-end class that wraps it (:func:`register_pipeline_backend`): Stable
+Diffusion 1.x/2.x, SDXL, Stable Diffusion 3/3.5 and FLUX.1 are built in; a new model family is one
+back-end module and one registration.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +21,20 @@ from diffusion_env.backends.base import DenoiserBackend
 from diffusion_env.registry import Registry
 
 PipelineBackendFactory = Callable[..., DenoiserBackend]
+
+#: Registered model names of common checkpoints on the Hugging Face hub.
+CHECKPOINTS: dict[str, str] = {
+    "sd-1.4": "CompVis/stable-diffusion-v1-4",
+    "sd-1.5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "sd-2.1": "stabilityai/stable-diffusion-2-1",
+    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+    "sd3-medium": "stabilityai/stable-diffusion-3-medium-diffusers",
+    "sd3.5-medium": "stabilityai/stable-diffusion-3.5-medium",
+    "sd3.5-large": "stabilityai/stable-diffusion-3.5-large",
+    "sd3.5-large-turbo": "stabilityai/stable-diffusion-3.5-large-turbo",
+    "flux-dev": "black-forest-labs/FLUX.1-dev",
+    "flux-schnell": "black-forest-labs/FLUX.1-schnell",
+}
 
 #: Pipeline class name -> back-end factory. Keyed by name, so that registering costs no import of
 #: the pipeline classes (which load their text and image models' code).
@@ -41,6 +57,11 @@ def backend_for_pipeline(pipeline: DiffusionPipeline, **options: Any) -> Denoise
     factory = PIPELINE_BACKENDS.for_instance(pipeline)
     if factory is None:
         raise TypeError(f"no back-end for a {type(pipeline).__name__}; allowed: {supported_pipelines()}")
+    parameters = inspect.signature(factory).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        unknown = sorted(set(options) - set(list(parameters)[1:]))
+        if unknown:
+            raise ValueError(f"a {type(pipeline).__name__} takes no option(s) {unknown}; allowed: {list(parameters)[1:]}")
     return factory(pipeline, **options)
 
 

@@ -19,30 +19,20 @@ Black et al., 2023, App. B): the same betas and prediction type, another sampler
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline
 from torch import nn
 
-from diffusion_env.backends.base import BackendModule, Conditioning
+from diffusion_env.backends.base import Conditioning
+from diffusion_env.backends.pipeline_backend import PipelineBackend
 from diffusion_env.backends.pixel_unet import PROMPT_EMBEDDING
-from diffusion_env.validation import check_int
 
 logger = logging.getLogger(__name__)
 
 POOLED_PROMPT_EMBEDDING = "pooled_prompt_embedding"
 TIME_IDS = "time_ids"
-
-#: Registered model names of common checkpoints on the Hugging Face hub.
-CHECKPOINTS: dict[str, str] = {
-    "sd-1.4": "CompVis/stable-diffusion-v1-4",
-    "sd-1.5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
-    "sd-2.1": "stabilityai/stable-diffusion-2-1",
-    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
-}
-
 
 #: The DDIM settings of Stable Diffusion's own DDIM configuration: every step has sigma_t > 0.
 DDIM_SETTINGS: dict[str, Any] = {"steps_offset": 1, "set_alpha_to_one": False, "timestep_spacing": "leading"}
@@ -62,7 +52,7 @@ def ddim_from(scheduler: Any) -> DDIMScheduler:
     return converted
 
 
-class StableDiffusionBackend(BackendModule):
+class StableDiffusionBackend(PipelineBackend):
     """A ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` as a :class:`DenoiserBackend`.
 
     Args:
@@ -95,41 +85,21 @@ class StableDiffusionBackend(BackendModule):
         # Imported here: the pipeline classes load their text and image models' code.
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-        super().__init__()
-        if not isinstance(pipeline, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
-            raise TypeError(
-                f"pipeline is a {type(pipeline).__name__}; allowed: a diffusers StableDiffusionPipeline or "
-                "StableDiffusionXLPipeline"
-            )
-        if not isinstance(negative_prompt, str):
-            raise TypeError(f"negative_prompt must be a str, got {type(negative_prompt).__name__}")
+        super().__init__(
+            pipeline, (StableDiffusionPipeline, StableDiffusionXLPipeline), ("vae", "text_encoder", "text_encoder_2"),
+            negative_prompt, default_guidance_scale, frozen_dtype,
+        )
         self.is_xl = isinstance(pipeline, StableDiffusionXLPipeline)
         self.unet = pipeline.unet
-        self.vae = pipeline.vae
-        self.text_encoder = pipeline.text_encoder
-        self.text_encoder_2 = getattr(pipeline, "text_encoder_2", None)
-        for frozen in (self.vae, self.text_encoder, self.text_encoder_2):
-            if frozen is not None:
-                frozen.requires_grad_(False).eval()
-        # The pipeline is kept for its prompt encoding; it holds the same modules as this back-end.
-        self.pipeline = pipeline
         self.scheduler = ddim_from(pipeline.scheduler)
         if channels_last:
             self.unet.to(memory_format=torch.channels_last)
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-        self.negative_prompt = negative_prompt
-        self.default_guidance_scale = float(default_guidance_scale)
-        self.frozen_dtype = frozen_dtype
         scale = pipeline.vae_scale_factor
-        height = self.unet.config.sample_size * scale if height is None else height
-        width = self.unet.config.sample_size * scale if width is None else width
-        height, width = (check_int(name, size, scale) for name, size in (("height", height), ("width", width)))
-        for name, size in (("height", height), ("width", width)):
-            if size % scale:
-                raise ValueError(f"{name}={size}; allowed: a positive multiple of the VAE's scale factor {scale}")
-        self.height, self.width = height, width
-        self.latent_shape: tuple[int, int, int] = (self.unet.config.in_channels, height // scale, width // scale)
+        native = self.unet.config.sample_size * scale
+        self.height, self.width = self._image_size(height, width, native, scale, f"the VAE's scale factor {scale}")
+        self.latent_shape: tuple[int, int, int] = (self.unet.config.in_channels, self.height // scale, self.width // scale)
         length = pipeline.tokenizer.model_max_length
         if self.is_xl:
             hidden = self.text_encoder.config.hidden_size + self.text_encoder_2.config.hidden_size
@@ -140,20 +110,9 @@ class StableDiffusionBackend(BackendModule):
             }
         else:
             self.conditioning_shapes = {PROMPT_EMBEDDING: (length, self.text_encoder.config.hidden_size)}
-        self._negative: dict[str, torch.Tensor] | None = None
-        self._moved()
 
     def trainable_module(self) -> nn.Module:
         return self.unet
-
-    def _moved(self) -> None:
-        # The frozen parts may run in a lower precision than the trained UNet; cached negative
-        # conditioning is recomputed on the new device.
-        if self.frozen_dtype is not None:
-            for frozen in (self.vae, self.text_encoder, self.text_encoder_2):
-                if frozen is not None:
-                    frozen.to(dtype=self.frozen_dtype)
-        self._negative = None
 
     # ------------------------------------------------------------------ prompts
 
@@ -162,8 +121,7 @@ class StableDiffusionBackend(BackendModule):
         # (force_zeros_for_empty_prompt), Stable Diffusion 1.x/2.x encodes "".
         return [self.negative_prompt] * count if self.negative_prompt else None
 
-    @torch.no_grad()
-    def _encode(self, prompts: list[str], negative: bool) -> dict[str, torch.Tensor]:
+    def _encode(self, prompts: list[str], negative: bool = False) -> dict[str, torch.Tensor]:
         device = self.device
         if self.is_xl:
             outputs = self.pipeline.encode_prompt(
@@ -179,16 +137,9 @@ class StableDiffusionBackend(BackendModule):
         )
         return {PROMPT_EMBEDDING: (outputs[1] if negative else outputs[0]).to(self.dtype)}
 
-    def encode_prompts(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-            raise TypeError(f"prompts must be a sequence of str, got {prompts!r}")
-        return self._encode(list(prompts), negative=False)
-
-    def negative_conditioning(self, batch: int) -> dict[str, torch.Tensor]:
-        """The negative prompt's conditioning, repeated ``batch`` times (encoded once per device)."""
-        if self._negative is None:
-            self._negative = self._encode(["placeholder"], negative=True)
-        return {key: value.expand(batch, *value.shape[1:]) for key, value in self._negative.items()}
+    def _encode_negative(self) -> dict[str, torch.Tensor]:
+        # The pipelines' own negative branch: SDXL's zeros for the empty prompt need it.
+        return self._encode(["placeholder"], negative=True)
 
     # ------------------------------------------------------------------ the network
 
@@ -204,24 +155,5 @@ class StableDiffusionBackend(BackendModule):
             return self.unet(latents, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
 
     def predict(self, latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning, guidance_scale: float) -> torch.Tensor:
-        """The UNet's output; with guidance, one call on [negative; conditional] (Ho & Salimans, 2022)."""
-        latents = latents.to(self.dtype)
-        timesteps = timesteps.to(latents.device)
-        if guidance_scale == 1.0:
-            return self._unet(latents, timesteps, conditioning)
-        negative = self.negative_conditioning(latents.shape[0])
-        doubled = {key: torch.cat([negative[key], conditioning[key].to(negative[key].device)]) for key in negative}
-        output = self._unet(torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), doubled)
-        output_negative, output_conditional = output.chunk(2)
-        return output_negative + guidance_scale * (output_conditional - output_negative)
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images ``(B, H, W, 3)`` uint8: the VAE's decoding of ``latents / scaling_factor``."""
-        vae_dtype = next(self.vae.parameters()).dtype
-        scaled = latents.to(vae_dtype) / self.vae.config.scaling_factor
-        if getattr(self.vae.config, "shift_factor", None):
-            scaled = scaled + self.vae.config.shift_factor
-        pixels = (self.vae.decode(scaled).sample.float() / 2 + 0.5).clamp(0, 1) * 255
-        return pixels.round().to(torch.uint8).permute(0, 2, 3, 1)
-
+        """The UNet's output, with classifier-free guidance of weight ``guidance_scale``."""
+        return self._guided(self._unet, latents, timesteps, conditioning, guidance_scale)

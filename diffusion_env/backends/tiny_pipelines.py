@@ -41,7 +41,8 @@ def character_tokenizer(folder: Path) -> CLIPTokenizer:
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=MAX_LENGTH)
 
 
-def _text_config(tokenizer: CLIPTokenizer, **changes) -> CLIPTextConfig:
+def text_config(tokenizer: CLIPTokenizer, **changes: Any) -> CLIPTextConfig:
+    """A two-layer CLIP text encoder's configuration of width 32 over ``tokenizer``'s vocabulary."""
     return CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=37, num_attention_heads=4,
         num_hidden_layers=2, max_position_embeddings=MAX_LENGTH, bos_token_id=0, eos_token_id=1, pad_token_id=1,
@@ -49,10 +50,12 @@ def _text_config(tokenizer: CLIPTokenizer, **changes) -> CLIPTextConfig:
     )
 
 
-def _vae() -> AutoencoderKL:
+def tiny_vae(**changes: Any) -> AutoencoderKL:
+    """A VAE of scale factor 2 and 4 latent channels."""
     return AutoencoderKL(
         block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4,
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16,
+        **changes,
     )
 
 
@@ -70,8 +73,8 @@ def tiny_stable_diffusion(folder: Path, seed: int = 0) -> StableDiffusionPipelin
         torch.manual_seed(seed)
         tokenizer = character_tokenizer(folder / "tokenizer-files")
         unet = _unet(cross_attention_dim=HIDDEN)
-        text_encoder = CLIPTextModel(_text_config(tokenizer))
-        vae = _vae()
+        text_encoder = CLIPTextModel(text_config(tokenizer))
+        vae = tiny_vae()
     scheduler = PNDMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, skip_prk_steps=True,
                               steps_offset=1, set_alpha_to_one=False)
     return StableDiffusionPipeline(
@@ -89,9 +92,9 @@ def tiny_stable_diffusion_xl(folder: Path, seed: int = 0) -> StableDiffusionXLPi
             cross_attention_dim=2 * HIDDEN, addition_embed_type="text_time", addition_time_embed_dim=8,
             projection_class_embeddings_input_dim=6 * 8 + HIDDEN,
         )
-        text_encoder = CLIPTextModel(_text_config(tokenizer))
-        text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer, projection_dim=HIDDEN))
-        vae = _vae()
+        text_encoder = CLIPTextModel(text_config(tokenizer))
+        text_encoder_2 = CLIPTextModelWithProjection(text_config(tokenizer, projection_dim=HIDDEN))
+        vae = tiny_vae()
     scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
     return StableDiffusionXLPipeline(
         vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer,

@@ -38,6 +38,7 @@ between epochs). The log-likelihood and KL are the exact Gaussian ones of
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -64,6 +65,8 @@ class FlowSampler(GaussianSampler):
             stochastic (all but CPS's last).
         mu: the dynamic shift of FLUX-style schedulers (``use_dynamic_shifting=True``), as
             diffusers' pipelines compute it from the image size.
+        sigmas: the K noise levels before the shift, for a pipeline that chooses its own (FLUX.1:
+            1, ..., 1/K evenly spaced); default the scheduler's, evenly spaced timesteps.
 
     Raises:
         ScheduleError: for a window that holds a step without noise (CPS's last), or options out
@@ -79,6 +82,7 @@ class FlowSampler(GaussianSampler):
         noise_level: float = 0.7,
         window: tuple[int, int] | None = None,
         mu: float | None = None,
+        sigmas: Sequence[float] | None = None,
     ) -> None:
         if not isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
             raise ScheduleError(f"scheduler {type(scheduler).__name__}; allowed: a FlowMatchEulerDiscreteScheduler")
@@ -90,7 +94,9 @@ class FlowSampler(GaussianSampler):
         self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
         if self.scheduler.config.use_dynamic_shifting and mu is None:
             raise ScheduleError("this scheduler shifts its timesteps dynamically (FLUX); allowed: mu= the shift of the image size")
-        self.scheduler.set_timesteps(num_inference_steps, mu=mu)
+        if sigmas is not None and len(sigmas) != num_inference_steps:
+            raise ScheduleError(f"{len(sigmas)} sigmas for num_inference_steps={num_inference_steps}; allowed: one per step")
+        self.scheduler.set_timesteps(num_inference_steps, mu=mu, sigmas=sigmas)
         sigmas = self.scheduler.sigmas.to(torch.float64)
         self.t, self.t_next = sigmas[:-1], sigmas[1:]
         self.dt = self.t_next - self.t
