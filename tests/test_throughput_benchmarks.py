@@ -75,3 +75,14 @@ def test_builtin_model_quality_reads_each_split_with_the_scene_parser(tmp_path, 
     for split in ("train", "held-out"):
         assert re.search(rf"^\s*{split}(\s+\d\.\d{{3}}){{6}}$", out, re.MULTILINE)
     assert (tmp_path / "samples_train.png").is_file() and (tmp_path / "samples_held-out.png").is_file()
+
+
+def test_a_shaped_pipeline_folder_feeds_the_sync_check(tmp_path, capsys):
+    run_main("shaped_pipelines.py", ["--shape", "tiny", "--out", str(tmp_path / "pipeline")])
+    run_main("sync_check.py", ["--model", str(tmp_path / "pipeline"), "--steps", "3", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert re.search(r"tiny-shaped pipeline \(UNet 0\.\d M parameters, random weights\)", out)
+    assert "device cpu: no CUDA, nothing to check (1 step(s) ran)" in out
+    with pytest.raises(SystemExit):
+        run_main("sync_check.py", ["--steps", "2"])
+    assert "allowed: 3 or more" in capsys.readouterr().err
