@@ -8,13 +8,15 @@ the sampler of the back-end's scheduler (DDIM with eta = 1 for the registered mo
   ``GaussianDenoisingPolicy.sample_with_log_prob`` (the policy's mean, sigma and exact
   log-likelihood, action checks, state bookkeeping, decoding and the JPEG reward at the end);
 - bare: the back-end's network call (``backend.predict``) then the diffusers scheduler's own
-  ``step`` (``eta=1.0`` for DDIM), nothing else.
+  ``step`` (``eta=1.0`` for DDIM; for a flow-matching model, SD3 or FLUX, the Euler step of
+  ``FlowMatchEulerDiscreteScheduler`` on the pipeline's schedule, while the environment samples
+  the flow SDE), nothing else.
 
 Timed episodes of the two paths alternate, so that drift of the machine hits both alike; the
 median episode time gives transitions per second (batch x steps / time). Then the environment
 runs many short episodes and its resident memory is sampled, to show it stays flat.
 
-    python benchmarks/env_throughput.py --batch-sizes 32 64 --episodes 5 [--model tiny-random]
+    python benchmarks/env_throughput.py --batch-sizes 32 64 --episodes 5 [--model tiny-random | tiny-sd3 | tiny-flux]
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 import diffusion_env  # noqa: F401  (registers DiffusionDenoise-v0)
 from agents import GaussianDenoisingPolicy
 from diffusion_env.backends import DenoiserBackend, available_models, make_denoiser
+from diffusion_env.backends.base import backend_sampler_options
 from diffusion_env.envs import DEFAULT_MODEL
 
 
@@ -75,12 +78,17 @@ def bare_episode(
     conditioning: Mapping[str, torch.Tensor],
     guidance_scale: float,
     batch: int,
+    steps: int,
     generator: torch.Generator,
 ) -> None:
     """One sampling loop: the back-end's network call, then the diffusers scheduler's ``step``."""
+    # Set per episode: a flow-matching scheduler counts its steps; the schedule is the pipeline's
+    # (FLUX's sigmas and shift, which the back-end names).
+    scheduler.set_timesteps(steps, **backend_sampler_options(backend, steps))
+    # A flow-matching scheduler has no init_noise_sigma: its x_1 is standard normal.
     latents = torch.randn(
         (batch, *backend.latent_shape), generator=generator, device=backend.device, dtype=backend.dtype
-    ) * scheduler.init_noise_sigma
+    ) * getattr(scheduler, "init_noise_sigma", 1.0)
     step_options = {"eta": 1.0} if isinstance(scheduler, DDIMScheduler) else {}
     for t in scheduler.timesteps:
         output = backend.predict(latents, t.to(backend.device).expand(batch), conditioning, guidance_scale)
@@ -105,13 +113,12 @@ def compare(backend: DenoiserBackend, batch: int, steps: int, episodes: int) -> 
     env.reset(seed=0)
     policy = GaussianDenoisingPolicy.from_env(env)
     scheduler = type(backend.scheduler).from_config(backend.scheduler.config)
-    scheduler.set_timesteps(steps)
     conditioning = backend.encode_prompts(env.unwrapped.prompts)
     guidance_scale = env.unwrapped.guidance_scale
     generator = torch.Generator(device=device).manual_seed(0)
 
     run_env = lambda: env_episode(env, policy, generator)  # noqa: E731
-    run_bare = lambda: bare_episode(backend, scheduler, conditioning, guidance_scale, batch, generator)  # noqa: E731
+    run_bare = lambda: bare_episode(backend, scheduler, conditioning, guidance_scale, batch, steps, generator)  # noqa: E731
     run_env(), run_bare()  # warm-up: allocator, kernels, prompt cache
     env_times, bare_times = [], []
     for _ in range(episodes):

@@ -17,6 +17,7 @@ EXAMPLES = Path(__file__).parent.parent / "examples"
         ("denoising_mdp.py", []),
         ("plugging_in.py", ["--model", "my-tiny", "--num-inference-steps", "4", "--window", "1", "3"]),
         ("reward_server.py", ["--model", "tiny-random", "--num-inference-steps", "2"]),
+        ("flow_model.py", ["--model", "tiny-flux", "--noise", "cps", "--num-inference-steps", "3"]),
     ],
 )
 def test_example_runs(script, argv, monkeypatch, capsys):

@@ -172,7 +172,7 @@ def test_bad_sizes_options_and_pipelines_are_refused_with_what_is_allowed(folder
     with pytest.raises(ValueError, match=r"takes no option\(s\) \['channels_last'\]; allowed: \['height', 'width'"):
         make_denoiser(sd3, channels_last=True)
     flux = DiffusionPipeline.from_pretrained(folders["flux"])
-    with pytest.raises(ValueError, match=r"width=6; allowed: a positive multiple of 4 \(the VAE's scale factor 2 times the packing"):
+    with pytest.raises(ValueError, match=r"width=6; allowed: a positive multiple of 4 \(the VAE's scale factor 2 times the packing's patch size 2\)"):
         make_denoiser(flux, height=16, width=6)
     with pytest.raises(ValueError, match=r"true_cfg_scale=0.5 is out of range; allowed: 1 <= true_cfg_scale"):
         make_denoiser(flux, height=16, width=16, true_cfg_scale=0.5)

@@ -40,7 +40,7 @@ class FlowTransformerBackend(PipelineBackend):
 
     #: The peft target modules of :meth:`agents.GaussianDenoisingPolicy.add_lora` on this back-end.
     lora_target_modules: tuple[str, ...] = TRANSFORMER_LORA_TARGETS
-    #: The side of the square of latent pixels that makes one image token (set by the subclass).
+    #: The side of the square of latent pixels that makes one image token (set by :meth:`_set_size`).
     patch_size: int
 
     def __init__(
@@ -63,6 +63,20 @@ class FlowTransformerBackend(PipelineBackend):
 
     def trainable_module(self) -> nn.Module:
         return self.transformer
+
+    def _set_size(
+        self, height: int | None, width: int | None, native: int, channels: int, patch_size: int, patch_name: str
+    ) -> None:
+        """Sets ``height``, ``width`` (pixels; default ``native`` latent pixels times the VAE's
+        scale factor f), ``patch_size`` and ``latent_shape`` ``(channels, height / f, width / f)``;
+        sizes must be multiples of f times the patch size."""
+        scale = self.pipeline.vae_scale_factor
+        multiple = scale * patch_size
+        self.patch_size = patch_size
+        self.height, self.width = self._image_size(
+            height, width, native * scale, multiple, f"{multiple} (the VAE's scale factor {scale} times {patch_name} {patch_size})"
+        )
+        self.latent_shape: tuple[int, int, int] = (channels, self.height // scale, self.width // scale)
 
     def resolution_shift(self, image_tokens: int) -> float:
         """The dynamic timestep shift mu of an image of ``image_tokens`` tokens, as the pipelines compute it.

@@ -94,15 +94,9 @@ class FluxBackend(FlowTransformerBackend):
             negative_prompt, default_guidance_scale, frozen_dtype, max_sequence_length, gradient_checkpointing,
         )
         self.true_cfg_scale = check_float("true_cfg_scale", true_cfg_scale, 1.0)
-        self.patch_size = 2  # the packing's 2x2 patches; the transformer's own patch size is 1
-        scale = pipeline.vae_scale_factor
-        multiple = scale * self.patch_size
-        self.height, self.width = self._image_size(
-            height, width, pipeline.default_sample_size * scale, multiple,
-            f"{multiple} (the VAE's scale factor {scale} times the packing's 2x2 patches)",
-        )
         config = self.transformer.config
-        self.latent_shape: tuple[int, int, int] = (config.in_channels // 4, self.height // scale, self.width // scale)
+        # The packing's 2x2 patches are the tokens (the transformer's own patch size is 1).
+        self._set_size(height, width, pipeline.default_sample_size, config.in_channels // 4, 2, "the packing's patch size")
         self.conditioning_shapes: dict[str, tuple[int, ...]] = {
             PROMPT_EMBEDDING: (self.max_sequence_length, config.joint_attention_dim),
             POOLED_PROMPT_EMBEDDING: (config.pooled_projection_dim,),

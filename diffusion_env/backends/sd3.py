@@ -62,17 +62,10 @@ class StableDiffusion3Backend(FlowTransformerBackend):
             negative_prompt, default_guidance_scale, frozen_dtype, max_sequence_length, gradient_checkpointing,
         )
         config = self.transformer.config
-        self.patch_size = config.patch_size
-        scale = pipeline.vae_scale_factor
-        multiple = scale * self.patch_size
-        self.height, self.width = self._image_size(
-            height, width, config.sample_size * scale, multiple,
-            f"{multiple} (the VAE's scale factor {scale} times the transformer's patch size {self.patch_size})",
-        )
-        self.latent_shape: tuple[int, int, int] = (config.in_channels, self.height // scale, self.width // scale)
+        self._set_size(height, width, config.sample_size, config.in_channels, config.patch_size, "the transformer's patch size")
         if config.pos_embed_max_size is not None:
             # The transformer's position embedding is cropped from a grid of this many patches a side.
-            largest = config.pos_embed_max_size * multiple
+            largest = config.pos_embed_max_size * config.patch_size * pipeline.vae_scale_factor
             for name, size in (("height", self.height), ("width", self.width)):
                 if size > largest:
                     raise ValueError(f"{name}={size}; allowed: at most {largest}, the transformer's position embedding's extent")
