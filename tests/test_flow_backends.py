@@ -14,7 +14,7 @@ from agents import GaussianDenoisingPolicy, batch_normalized_advantages, collect
 from agents.algorithms import UpdateContext, get_algorithm
 from diffusion_env.backends import FluxBackend, StableDiffusion3Backend, make_denoiser, registered_name
 from diffusion_env.backends.tiny_flow_pipelines import T5_WIDTH, tiny_flux, tiny_sd3
-from diffusion_env.samplers import FlowSampler
+from diffusion_env.samplers import FlowSampler, ScheduleError, make_sampler
 
 STEPS = 3
 PROMPT = "a red cat, 2 dogs"
@@ -176,6 +176,8 @@ def test_bad_sizes_options_and_pipelines_are_refused_with_what_is_allowed(folder
         make_denoiser(flux, height=16, width=6)
     with pytest.raises(ValueError, match=r"true_cfg_scale=0.5 is out of range; allowed: 1 <= true_cfg_scale"):
         make_denoiser(flux, height=16, width=16, true_cfg_scale=0.5)
+    with pytest.raises(ScheduleError, match=r"2 sigmas for num_inference_steps=3; allowed: one per step"):
+        make_sampler(flux.scheduler, 3, mu=0.5, sigmas=[1.0, 0.5])
     unet = UNet2DModel(sample_size=8, block_out_channels=(8, 16), norm_num_groups=4,
                        down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)
     with pytest.raises(TypeError, match=r"no back-end for a DDPMPipeline; allowed: \[.*'FluxPipeline'.*'StableDiffusion3Pipeline'"):
