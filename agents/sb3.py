@@ -39,8 +39,9 @@ from torch import nn
 from agents.policy import GaussianDenoisingPolicy
 from agents.step_window import StepWindow
 from diffusion_env.backends import DenoiserBackend, available_models, make_denoiser
+from diffusion_env.backends.base import backend_sampler
 from diffusion_env.envs import DEFAULT_MODEL, DiffusionDenoiseVectorEnv
-from diffusion_env.samplers import Sampler, make_sampler
+from diffusion_env.samplers import Sampler
 from diffusion_env.validation import check_float, check_int
 
 
@@ -128,7 +129,7 @@ class DiffusionActorCriticPolicy(ActorCriticPolicy):
     environment; for another environment, name the same model and sampler settings in
     ``policy_kwargs`` (``model``, ``num_inference_steps``, ``eta``, ``guidance_scale``). The policy
     builds its own copy of the model from the registered name (``make_denoiser(model)``) and
-    its sampler (``make_sampler(backend.scheduler, num_inference_steps, eta=eta)``), so that
+    its sampler (``backend_sampler(backend, num_inference_steps, eta=eta)``, as the environment does), so that
     everything SB3 saves is a plain value: ``model.save(path)`` stores these settings in the
     zip's ``data`` and the network's weights (the UNet, any LoRA adapters, the critic) in the
     policy's state dict, and ``PPO.load(path, env=env)`` rebuilds the same policy. A model that
@@ -242,7 +243,7 @@ class DiffusionActorCriticPolicy(ActorCriticPolicy):
     def _make_sampler(self, backend: DenoiserBackend) -> Sampler:
         """The sampler of ``backend``'s scheduler with this policy's settings, on the back-end's device."""
         options = {} if self.eta is None else {"eta": self.eta}
-        return make_sampler(backend.scheduler, self.num_inference_steps, device=backend.device, **options)
+        return backend_sampler(backend, self.num_inference_steps, **options)
 
     def _build(self, lr_schedule: Schedule) -> None:
         # Building the model does not draw from torch's generator, which SB3's ``seed`` has just

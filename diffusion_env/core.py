@@ -18,10 +18,10 @@ import torch
 from gymnasium import spaces
 
 from diffusion_env.backends import DenoiserBackend, make_denoiser
-from diffusion_env.backends.base import backend_sampler_options
+from diffusion_env.backends.base import backend_sampler
 from diffusion_env.prompts import PromptSet, make_prompt_set
 from diffusion_env.rewards import Reward, RewardFn, make_reward
-from diffusion_env.samplers import Sampler, SamplerFactory, make_sampler
+from diffusion_env.samplers import Sampler, SamplerFactory
 from diffusion_env.validation import check_device, check_float, check_int
 
 
@@ -128,10 +128,7 @@ class DenoisingCore:
         given = {"height": height, "width": width, "negative_prompt": negative_prompt}
         build_options = {**(model_options or {}), **{key: value for key, value in given.items() if value is not None}}
         self.backend = make_denoiser(model, device=device, dtype=dtype, **build_options)
-        options = {**backend_sampler_options(self.backend, num_inference_steps), **options}
-        self.sampler: Sampler = make_sampler(
-            self.backend.scheduler, num_inference_steps, sampler, device=self.backend.device, **options
-        )
+        self.sampler: Sampler = backend_sampler(self.backend, num_inference_steps, sampler, **options)
         self.guidance_scale = self.backend.default_guidance_scale if guidance_scale is None else guidance_scale
         self.num_envs = num_envs
         self.samples_per_prompt = samples_per_prompt

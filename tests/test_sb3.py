@@ -213,3 +213,14 @@ def test_the_sampler_follows_the_policy_when_sb3_moves_it(make_vec_env):
     assert policy.to("cpu") is policy
     assert actor.sampler.timesteps.device == actor.sampler.sigma.device == torch.device("cpu")
     assert actor.sampler.num_steps == NUM_STEPS
+
+
+def test_sb3_ppo_trains_a_flux_model_on_the_schedule_its_back_end_declares():
+    # FLUX's sigmas and mu come from the back-end (sampler_options), not from its scheduler's config.
+    envs = gym.make_vec("DiffusionDenoise-v0", num_envs=2, model="tiny-flux", num_inference_steps=NUM_STEPS,
+                        autoreset_mode=AutoresetMode.SAME_STEP)
+    model = PPO(DiffusionActorCriticPolicy, SB3VecEnvAdapter(envs), n_steps=NUM_STEPS, batch_size=2 * NUM_STEPS,
+                n_epochs=1, seed=0, device="cpu", policy_kwargs={"model": "tiny-flux", "num_inference_steps": NUM_STEPS})
+    torch.testing.assert_close(model.policy.actor.sampler.sigma, envs.unwrapped.sampler.sigma)
+    model.learn(total_timesteps=2 * NUM_STEPS)
+    assert model.num_timesteps == 2 * NUM_STEPS

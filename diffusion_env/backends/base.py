@@ -21,6 +21,8 @@ import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import nn
 
+from diffusion_env.samplers import Sampler, SamplerFactory, make_sampler
+
 #: Conditioning tensors of a batch of prompts, keyed as the observation keys them.
 Conditioning = Mapping[str, torch.Tensor]
 
@@ -83,6 +85,19 @@ def backend_sampler_options(backend: DenoiserBackend, num_inference_steps: int) 
     method; empty for a back-end without one. Options the caller gives take precedence."""
     options = getattr(backend, "sampler_options", None)
     return dict(options(num_inference_steps)) if callable(options) else {}
+
+
+def backend_sampler(
+    backend: DenoiserBackend,
+    num_inference_steps: int,
+    sampler: str | SamplerFactory | None = None,
+    **options: Any,
+) -> Sampler:
+    """The sampler of ``backend``'s scheduler with K = ``num_inference_steps`` steps, on its device:
+    :func:`~diffusion_env.samplers.make_sampler` with the back-end's own options
+    (:func:`backend_sampler_options`), which ``options`` override."""
+    merged = {**backend_sampler_options(backend, num_inference_steps), **options}
+    return make_sampler(backend.scheduler, num_inference_steps, sampler, device=backend.device, **merged)
 
 
 class BackendModule(nn.Module):
