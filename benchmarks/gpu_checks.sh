@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks, as one script that fits in a few minutes of a lent GPU (run from the repository root):
+# The GPU checks, as one script that fits in a few minutes of GPU time (run from the repository root):
 # an SD-1.5-shaped pipeline with random weights is built offline, then
 #   1. sync_check.py: no host synchronisation inside a denoising step;
 #   2. env_throughput.py: the environment and policy against a bare UNet + DDIM loop, with peak memory;
