@@ -75,6 +75,8 @@ class Run:
         reference: build the reference policy of a KL penalty when the algorithm's config asks
             for one (False when only sampling from the policy: saves a copy of a fully
             fine-tuned model).
+        processes: the run's processes (:mod:`agents.distributed`); default: those a launcher
+            started (``accelerate launch``, ``torchrun``), else this one alone.
     """
 
     def __init__(self, config: TrainConfig, *, reference: bool = True, processes: Processes | None = None) -> None:
