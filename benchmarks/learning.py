@@ -25,7 +25,11 @@ that runs of different lengths are compared at the same number of reward queries
 With ``--out`` it also writes, per run, a grid of pretrained (top) and fine-tuned (bottom)
 samples for the same prompts and noise, the curves of training reward and of the monitored
 prompt agreement per reward query, and, with ``--compare``, one plot of the reward curves of
-all runs against reward queries (SF vs IS vs RWR, or SB3's PPO beside DDPO-IS). An output
+all runs against reward queries (SF vs IS vs RWR, or SB3's PPO beside DDPO-IS). Runs whose
+settings differ only in their ``[run]`` table (seed, length, checkpointing) are seeds of one
+setting: the comparison draws their mean curve with a band from the lowest to the highest seed,
+and a second table gives each setting's final figures as the mean over seeds and their standard
+deviation (``--compare``). An output
 directory of ``examples/sb3_ppo.py`` (``actor.safetensors``, ``args.json``, ``history.json``) is
 evaluated like a training run.
 """
@@ -205,30 +209,92 @@ MONITORED_ALIGNMENT = "charts/monitor/scene_alignment"
 CHANGED = ("jpeg_kb", "scene_count", "scene_alignment")
 
 
-def save_comparison(histories: dict[str, list[dict[str, float]]], path: Path, window: float) -> None:
-    """Each run's training reward per reward query, raw (faint) and averaged over ``window``
-    queries; beside it the monitored prompt alignment of the runs that logged one."""
+def algorithm_name(run_dir: Path, config: TrainConfig) -> str:
+    return "sb3-ppo" if is_sb3_run(run_dir) else config.algorithm.name
+
+
+def seed_groups(configs: dict[str, tuple[str, TrainConfig]]) -> dict[str, list[str]]:
+    """The runs (label: algorithm and config) grouped by their algorithm and settings other than
+    the ``[run]`` table, so that the seeds of one setting form one group; each group is named after
+    its algorithm and reward (and its first run, where two groups would share that name), in the
+    order of the runs given."""
+    settings: dict[str, list[str]] = {}
+    for label, (algorithm, config) in configs.items():
+        tables = {name: table for name, table in config.to_tables().items() if name != "run"}
+        settings.setdefault(json.dumps([algorithm, tables], sort_keys=True, default=str), []).append(label)
+    names = [f"{configs[labels[0]][0]}, {configs[labels[0]][1].reward.name}" for labels in settings.values()]
+    return {
+        name if names.count(name) == 1 else f"{name} ({labels[0]})": labels
+        for name, labels in zip(names, settings.values())
+    }
+
+
+def save_comparison(
+    histories: dict[str, list[dict[str, float]]], groups: dict[str, list[str]], path: Path, window: float
+) -> None:
+    """The training reward per reward query of each group of seeds (see :func:`seed_groups`),
+    averaged over ``window`` queries: a single run as its line over its raw per-update values
+    (faint), several seeds as the mean of their lines with a band from the lowest to the highest
+    seed, cut at the shortest seed; beside it the monitored prompt alignment where it was logged."""
     import matplotlib.pyplot as plt
 
-    monitored = {label: history for label, history in histories.items() if MONITORED_ALIGNMENT in history[0]}
+    monitored = {name: labels for name, labels in groups.items() if MONITORED_ALIGNMENT in histories[labels[0]][0]}
     figure, axes = plt.subplots(1, 2 if monitored else 1, figsize=(12 if monitored else 7, 4.2), squeeze=False)
-    panels = [(axes[0, 0], histories, "charts/reward_mean", "training reward")]
+    panels = [(axes[0, 0], groups, "charts/reward_mean", "training reward")]
     if monitored:
         panels.append((axes[0, 1], monitored, MONITORED_ALIGNMENT, "prompt alignment of the training samples"))
-    for axis, runs, key, name in panels:
-        for label, history in runs.items():
-            queries, means = smoothed(history, window, key)
-            color = f"C{list(histories).index(label)}"
-            axis.plot(queries, [h[key] for h in history], color=color, alpha=0.25, linewidth=0.8)
-            axis.plot(queries, means, color=color, label=label)
+    for axis, shown, key, name in panels:
+        for group, labels in shown.items():
+            color = f"C{list(groups).index(group)}"
+            if len(labels) == 1:
+                history = histories[labels[0]]
+                queries, means = smoothed(history, window, key)
+                axis.plot(queries, [h[key] for h in history], color=color, alpha=0.25, linewidth=0.8)
+                axis.plot(queries, means, color=color, label=group)
+                continue
+            length = min(len(histories[label]) for label in labels)
+            curves = [smoothed(histories[label][:length], window, key) for label in labels]
+            queries = curves[0][0]
+            if any(not np.array_equal(queries, other) for other, _ in curves[1:]):
+                raise SystemExit(f"the seeds of {group} ({', '.join(labels)}) logged different reward queries per update")
+            values = np.stack([means for _, means in curves])
+            axis.fill_between(queries, values.min(axis=0), values.max(axis=0), color=color, alpha=0.2, linewidth=0)
+            axis.plot(queries, values.mean(axis=0), color=color, label=f"{group} ({len(labels)} seeds)")
         axis.set_xlabel("reward queries")
         axis.set_ylabel(name)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
-    figure.suptitle(f"faint: per update; line: mean over the last {window:g} reward queries", fontsize=9)
+    figure.suptitle(
+        f"mean over the last {window:g} reward queries; faint: per update (one seed); band: lowest to highest seed",
+        fontsize=9,
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+def over_seeds(values: list[float], signed: bool = True) -> str:
+    """``mean ± standard deviation`` over seeds (the deviation of one seed is not defined)."""
+    array = np.asarray(values, dtype=np.float64)
+    mean = f"{array.mean():+.3f}" if signed else f"{array.mean():.3f}"
+    return f"{mean} ± {array.std(ddof=1):.3f}" if array.size > 1 else mean
+
+
+def print_over_seeds(results: dict[str, dict], groups: dict[str, list[str]]) -> None:
+    """A table of each group's final figures: the paired changes and the fine-tuned background
+    agreement, as the mean over its seeds ± their standard deviation (the spread between seeds,
+    which the paired standard errors of single runs do not show)."""
+    print("\n| setting | seeds | prompts | " + " | ".join(f"change of {key}" for key in CHANGED) + " | background |")
+    print("|---" * (4 + len(CHANGED)) + "|")
+    for group, labels in groups.items():
+        evaluated = [label for label in labels if label in results]
+        if not evaluated:
+            continue
+        prompt_sets = [key.removesuffix("/change") for key in results[evaluated[0]] if key.endswith("/change")]
+        for prompts in prompt_sets:
+            changes = [over_seeds([results[label][f"{prompts}/change"][key]["mean"] for label in evaluated]) for key in CHANGED]
+            background = over_seeds([results[label][f"{prompts}/fine-tuned"]["scene_background"] for label in evaluated], signed=False)
+            print(f"| {group} | {len(evaluated)} | {prompts} | " + " | ".join(changes) + f" | {background} |", flush=True)
 
 
 def main() -> None:
@@ -242,7 +308,7 @@ def main() -> None:
         help="prompt set never trained on; 'auto': the training set's held-out counterpart; '' to skip",
     )
     parser.add_argument("--out", type=Path, help="folder for the figures and results.json")
-    parser.add_argument("--compare", action="store_true", help="also plot all runs' reward curves together")
+    parser.add_argument("--compare", action="store_true", help="also plot all runs' reward curves together, seeds of one setting as a band, and tabulate the spread over seeds")
     parser.add_argument("--window", type=float, default=320, help="reward queries averaged in the comparison plot")
     args = parser.parse_args()
     if args.samples < BATCH or args.samples % BATCH:
@@ -264,7 +330,7 @@ def main() -> None:
             print(f"| {label} | (no checkpoint: curve only) |", flush=True)
             continue
         config = run_config(run_dir)
-        algorithm = "sb3-ppo" if is_sb3_run(run_dir) else config.algorithm.name
+        algorithm = algorithm_name(run_dir, config)
         minutes = sum(h.get("charts/epoch_seconds", float("nan")) for h in history) / 60
         trained_on = config.env.prompts
         heldout = heldout_counterpart(trained_on) if args.heldout == "auto" else args.heldout
@@ -298,12 +364,13 @@ def main() -> None:
                 save_pair_grid(pretrained, fine_tuned, args.out / f"{label}_{prompts}_samples.png")
         if args.out:
             save_curves(history, f"{label}: {algorithm} on {config.reward.name}", args.out / f"{label}_curves.png")
-    if args.out and args.compare:
-        save_comparison(
-            {run_label(run_dir, epoch): run_history(run_dir, epoch) for run_dir, epoch in runs},
-            args.out / "comparison.png",
-            args.window,
-        )
+    if args.compare:
+        configs = {run_label(run_dir, epoch): (run_dir, run_config(run_dir)) for run_dir, epoch in runs}
+        groups = seed_groups({label: (algorithm_name(run_dir, config), config) for label, (run_dir, config) in configs.items()})
+        print_over_seeds(results, groups)
+        if args.out:
+            histories = {run_label(run_dir, epoch): run_history(run_dir, epoch) for run_dir, epoch in runs}
+            save_comparison(histories, groups, args.out / "comparison.png", args.window)
     if args.out:
         (args.out / "results.json").write_text(json.dumps(results, indent=2))
 

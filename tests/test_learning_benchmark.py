@@ -26,16 +26,17 @@ def test_learning_benchmark_compares_a_run_with_the_pretrained_model(tmp_path, m
         "algorithm": {"minibatch_size": 4},
     })
     train(config, tmp_path / "run")
+    train(config.with_changes({"run": {"seed": 1, "epochs": 1}}), tmp_path / "seed1")
     monkeypatch.setattr(sys, "argv", ["sb3_ppo.py", "--rollouts", "1", "--num-envs", "2", "--samples-per-prompt", "2",
                                       "--num-inference-steps", "2", "--batch-size", "4", "--min-sigma", "0", "--model", "tiny-random",
                                       "--device", "cpu", "--output-dir", str(tmp_path / "sb3")])
     runpy.run_path(str(EXAMPLES / "sb3_ppo.py"), run_name="__main__")
     capsys.readouterr()
-    monkeypatch.setattr(sys, "argv", ["learning.py", str(tmp_path / "run"), f"{tmp_path / 'run'}:1", str(tmp_path / "sb3"),
-                                      "--samples", "16", "--compare", "--out", str(tmp_path / "eval")])
+    monkeypatch.setattr(sys, "argv", ["learning.py", str(tmp_path / "run"), str(tmp_path / "seed1"), f"{tmp_path / 'run'}:1",
+                                      str(tmp_path / "sb3"), "--samples", "16", "--compare", "--out", str(tmp_path / "eval")])
     runpy.run_path(str(SCRIPT), run_name="__main__")
     table = capsys.readouterr().out
-    assert table.count("| pretrained |") == 6 and table.count("| fine-tuned |") == 6
+    assert table.count("| pretrained |") == 8 and table.count("| fine-tuned |") == 8
     assert table.count("| sb3 | sb3-ppo |") == 4
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     # Same prompts and noise: the pretrained figures do not depend on the run evaluated.
@@ -50,6 +51,12 @@ def test_learning_benchmark_compares_a_run_with_the_pretrained_model(tmp_path, m
     assert abs(change["mean"] - expected) < 1e-6 and change["standard_error"] >= 0
     # The SB3 weights are loaded: its samples are those of the PPO-trained UNet, not the pretrained one.
     assert results["sb3"]["scenes_train/fine-tuned"] != results["sb3"]["scenes_train/pretrained"]
+    # The two seeds and the cut run differ only in [run]: one setting of three seeds, beside SB3's.
+    over_seeds = table.split("| setting | seeds |")[1]
+    assert over_seeds.count("| ddpo-is, jpeg_compressibility | 3 |") == 2 and over_seeds.count("| sb3-ppo, jpeg_compressibility | 1 |") == 2
+    changes = [results[label]["scenes_train/change"]["scene_alignment"]["mean"] for label in ("run", "seed1", "run@1")]
+    row = next(line for line in over_seeds.splitlines() if "| ddpo-is, jpeg_compressibility | 3 | scenes_train |" in line)
+    assert f"{np.mean(changes):+.3f} ± {np.std(changes, ddof=1):.3f}" in row
     for name in ("run_curves.png", "run@1_scenes_heldout_samples.png", "sb3_curves.png", "comparison.png"):
         assert (tmp_path / "eval" / name).stat().st_size > 0
 
