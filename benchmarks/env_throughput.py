@@ -10,7 +10,15 @@ the sampler of the back-end's scheduler (DDIM with eta = 1 for the registered mo
 - bare: the back-end's network call (``backend.predict``) then the diffusers scheduler's own
   ``step`` (``eta=1.0`` for DDIM; for a flow-matching model, SD3 or FLUX, the Euler step of
   ``FlowMatchEulerDiscreteScheduler`` on the pipeline's schedule, while the environment samples
-  the flow SDE), nothing else.
+  the flow SDE), nothing else: its prompts are encoded once, before the timing;
+- pipeline: what a diffusers pipeline call does with new prompts: the bare loop after encoding
+  the episode's prompts (drawn from the environment's prompt set, one per sample as the
+  environment draws them), and the VAE decoding of its final latents.
+
+The environment encodes new prompts every episode, so where the text encoders are as large as the
+denoising network (the test-sized SD3 and FLUX pipelines: T5 on 512 tokens beside a transformer
+of 0.1 M parameters) its ratio to the bare loop measures that encoding, and the ratio to the
+pipeline path is the cost of the environment's own machinery.
 
 Timed episodes of the two paths alternate, so that drift of the machine hits both alike; the
 median episode time gives transitions per second (batch x steps / time). Then the environment
@@ -29,6 +37,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 import gymnasium as gym
+import numpy as np
 import torch
 from diffusers import DDIMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -38,6 +47,7 @@ from agents import GaussianDenoisingPolicy
 from diffusion_env.backends import DenoiserBackend, available_models, make_denoiser
 from diffusion_env.backends.base import backend_sampler_options
 from diffusion_env.envs import DEFAULT_MODEL
+from diffusion_env.prompts import PromptSet
 
 
 def resident_memory_mb() -> float:
@@ -80,8 +90,9 @@ def bare_episode(
     batch: int,
     steps: int,
     generator: torch.Generator,
-) -> None:
-    """One sampling loop: the back-end's network call, then the diffusers scheduler's ``step``."""
+) -> torch.Tensor:
+    """One sampling loop: the back-end's network call, then the diffusers scheduler's ``step``;
+    returns the final latents."""
     # Set per episode: a flow-matching scheduler counts its steps; the schedule is the pipeline's
     # (FLUX's sigmas and shift, which the back-end names).
     scheduler.set_timesteps(steps, **backend_sampler_options(backend, steps))
@@ -93,6 +104,24 @@ def bare_episode(
     for t in scheduler.timesteps:
         output = backend.predict(latents, t.to(backend.device).expand(batch), conditioning, guidance_scale)
         latents = scheduler.step(output, t, latents, generator=generator, **step_options).prev_sample
+    return latents
+
+
+def pipeline_episode(
+    backend: DenoiserBackend,
+    scheduler: SchedulerMixin,
+    prompt_set: PromptSet,
+    guidance_scale: float,
+    batch: int,
+    steps: int,
+    generator: torch.Generator,
+    rng: np.random.Generator,
+) -> None:
+    """A pipeline call's work: encode the episode's prompts, the bare loop, decode its latents."""
+    prompts, _ = prompt_set.sample(batch, rng)
+    conditioning = backend.encode_prompts(prompts)
+    latents = bare_episode(backend, scheduler, conditioning, guidance_scale, batch, steps, generator)
+    backend.decode(latents)
 
 
 def timed(episode: Callable[[], None], device: torch.device) -> float:
@@ -105,7 +134,8 @@ def timed(episode: Callable[[], None], device: torch.device) -> float:
 
 @torch.no_grad()
 def compare(backend: DenoiserBackend, batch: int, steps: int, episodes: int) -> dict[str, float | str]:
-    """Median transitions/s of the environment and of the bare loop, their ratio and the memory figure."""
+    """Median transitions/s of the environment, the bare loop and the pipeline path, the
+    environment's ratios to both, and the memory figure."""
     device = backend.device
     env = gym.make_vec(
         "DiffusionDenoise-v0", num_envs=batch, model=backend, num_inference_steps=steps, array_type="torch"
@@ -115,24 +145,29 @@ def compare(backend: DenoiserBackend, batch: int, steps: int, episodes: int) -> 
     scheduler = type(backend.scheduler).from_config(backend.scheduler.config)
     conditioning = backend.encode_prompts(env.unwrapped.prompts)
     guidance_scale = env.unwrapped.guidance_scale
+    prompt_set = env.unwrapped.prompt_set
     generator = torch.Generator(device=device).manual_seed(0)
+    rng = np.random.default_rng(0)
 
-    run_env = lambda: env_episode(env, policy, generator)  # noqa: E731
-    run_bare = lambda: bare_episode(backend, scheduler, conditioning, guidance_scale, batch, steps, generator)  # noqa: E731
-    run_env(), run_bare()  # warm-up: allocator, kernels, prompt cache
-    env_times, bare_times = [], []
-    for _ in range(episodes):
-        env_times.append(timed(run_env, device))
-        bare_times.append(timed(run_bare, device))
-    transitions = batch * steps
-    env_rate = transitions / statistics.median(env_times)
-    bare_rate = transitions / statistics.median(bare_times)
+    paths = {
+        "env": lambda: env_episode(env, policy, generator),
+        "bare": lambda: bare_episode(backend, scheduler, conditioning, guidance_scale, batch, steps, generator),
+        "pipeline": lambda: pipeline_episode(backend, scheduler, prompt_set, guidance_scale, batch, steps, generator, rng),
+    }
+    for episode in paths.values():  # warm-up: allocator, kernels, the negative prompt's cache
+        episode()
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in range(episodes):  # the paths alternate, so that drift of the machine hits all alike
+        for name, episode in paths.items():
+            times[name].append(timed(episode, device))
+    rates = {name: batch * steps / statistics.median(values) for name, values in times.items()}
     if device.type == "cuda":
-        memory = f"peak GPU memory env {peak_gpu_memory_mb(run_env, device):.0f} MB, bare {peak_gpu_memory_mb(run_bare, device):.0f} MB"
+        peaks = {name: peak_gpu_memory_mb(episode, device) for name, episode in paths.items()}
+        memory = "peak GPU memory " + ", ".join(f"{name} {peak:.0f} MB" for name, peak in peaks.items())
     else:
         memory = f"peak RSS so far {peak_resident_memory_mb():.0f} MB"
     env.close()
-    return {"env": env_rate, "bare": bare_rate, "ratio": env_rate / bare_rate, "memory": memory}
+    return {**rates, "ratio": rates["env"] / rates["bare"], "pipeline_ratio": rates["env"] / rates["pipeline"], "memory": memory}
 
 
 @torch.no_grad()
@@ -179,10 +214,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"device {args.device} ({card}), torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"model {args.model}: network {parameters / 1e6:.2f} M parameters, latents {height}x{width}, "
           f"{args.steps} steps of {type(backend.scheduler).__name__}")
-    print(f"{'batch':>5} {'env transitions/s':>18} {'bare transitions/s':>19} {'env / bare':>10}")
+    print(f"{'batch':>5} {'transitions/s: env':>19} {'bare':>8} {'pipeline':>9} {'env / bare':>11} {'env / pipeline':>15}")
     for batch in args.batch_sizes:
         result = compare(backend, batch, args.steps, args.episodes)
-        print(f"{batch:>5} {result['env']:>18.1f} {result['bare']:>19.1f} {result['ratio']:>10.3f}  {result['memory']}")
+        print(f"{batch:>5} {result['env']:>19.1f} {result['bare']:>8.1f} {result['pipeline']:>9.1f} "
+              f"{result['ratio']:>11.3f} {result['pipeline_ratio']:>15.3f}  {result['memory']}")
 
     print(f"memory over {args.memory_episodes} episodes (batch 4, 2 steps each):")
     samples = memory_over_episodes(backend, args.memory_episodes, batch=4, steps=2)

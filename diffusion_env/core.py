@@ -211,12 +211,15 @@ class DenoisingCore:
         drawn, drawn_metadata = self.prompt_set.sample(self.num_envs // self.samples_per_prompt, rng)
         prompts = [prompt for prompt in drawn for _ in range(self.samples_per_prompt)]
         metadata = [dict(meta) for meta in drawn_metadata for _ in range(self.samples_per_prompt)]
-        conditioning = dict(self.backend.encode_prompts(prompts))
+        # Each drawn prompt is encoded once and its conditioning repeated for its samples: the text
+        # encoders of the large models cost as much per prompt as a network call.
+        conditioning = dict(self.backend.encode_prompts(drawn))
         if set(conditioning) != set(self.backend.conditioning_shapes):
             raise ValueError(
                 f"the back-end's encode_prompts returned entries {sorted(conditioning)}; it declares "
                 f"{sorted(self.backend.conditioning_shapes)}"
             )
+        conditioning = {key: value.repeat_interleave(self.samples_per_prompt, dim=0) for key, value in conditioning.items()}
         self.generator.manual_seed(int(rng.integers(2**63)))
         # Sampling starts from pure noise scaled by the sampler's init_noise_sigma (1 for DDIM/DDPM).
         count = self.num_envs // self.samples_per_prompt if shared_noise else self.num_envs

@@ -90,6 +90,7 @@ class _DenoisingView:
     backend = _core_attribute("backend", "The denoiser back-end (a ``DenoiserBackend``; its network is what a policy fine-tunes).")
     sampler = _core_attribute("sampler", "The per-step Gaussian policy of the back-end's scheduler (a ``Sampler``).")
     reward = _core_attribute("reward", "The reward paid on the last step (a checked ``Reward``).")
+    prompt_set = _core_attribute("prompt_set", "The prompts each reset draws from (a ``PromptSet``).")
     guidance_scale = _core_attribute("guidance_scale", "The classifier-free guidance weight of the model's own policy.")
     num_inference_steps = _core_attribute("num_steps", "K, the steps of an episode.")
     samples_per_prompt = _core_attribute(

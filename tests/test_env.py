@@ -228,6 +228,17 @@ def test_samples_per_prompt_gives_each_prompt_to_consecutive_envs_with_their_own
     core = envs.unwrapped.core
     assert core.metadata[0] == core.metadata[2] and core.metadata[0] is not core.metadata[1]
     assert not np.array_equal(obs["latent"][0], obs["latent"][1])
+    # Each drawn prompt is encoded once; its samples get copies of its conditioning, equal to
+    # the encoding of the whole batch of prompts.
+    backend = envs.unwrapped.backend
+    encoded = []
+    encode = backend.encode_prompts
+    backend.encode_prompts = lambda batch: encoded.append(list(batch)) or encode(batch)
+    obs, info = envs.reset(seed=1)
+    assert encoded == [list(info["prompt"][::3])]
+    for key in envs.unwrapped.conditioning_keys:
+        expected = encode(list(info["prompt"]))[key].cpu().numpy()
+        np.testing.assert_allclose(obs[key], expected, rtol=1e-6, atol=1e-6)
     for bad in (4, 0):
         with pytest.raises(ValueError, match="allowed: a positive int that divides num_envs"):
             make_vec_env(num_envs=6, samples_per_prompt=bad)

@@ -17,12 +17,13 @@ def run_main(script, argv):
     runpy.run_path(str(BENCHMARKS / script))["main"](argv)
 
 
-def test_env_throughput_prints_the_rates_of_both_paths_and_the_memory_over_episodes(capsys):
+def test_env_throughput_prints_the_rates_of_the_three_paths_and_the_memory_over_episodes(capsys):
     run_main("env_throughput.py", ["--model", "tiny-random", "--batch-sizes", "2", "--steps", "2", "--episodes", "1",
                                    "--memory-episodes", "10", "--device", "cpu"])
     out = capsys.readouterr().out
     assert "model tiny-random: network 0.34 M parameters, latents 16x16, 2 steps of DDIMScheduler" in out
-    assert re.search(rf"^\s+2\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+peak RSS so far \d+ MB$", out, re.MULTILINE)
+    # batch, transitions/s of env, bare loop and pipeline path, env / bare, env / pipeline.
+    assert re.search(rf"^\s+2\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+peak RSS so far \d+ MB$", out, re.MULTILINE)
     assert re.search(rf"after episode\s+10: RSS\s+{NUMBER} MB", out)
     assert re.search(r"growth from episode 10 to 10: [+-]\d+\.\d MB", out)
 
