@@ -212,10 +212,10 @@ def test_training_steps_come_from_the_step_window(trained_steps):
 
 
 # The built-in model's configs; the Stable Diffusion ones (sd15_*) are tested in test_stable_diffusion.py.
-BUILT_IN_CONFIGS = sorted(path for path in CONFIGS.glob("*.toml") if not path.name.startswith("sd15_"))
+BUILT_IN_CONFIGS = sorted(path for path in CONFIGS.rglob("*.toml") if not path.name.startswith("sd15_"))
 
 
-@pytest.mark.parametrize("config_file", BUILT_IN_CONFIGS, ids=lambda path: path.name)
+@pytest.mark.parametrize("config_file", BUILT_IN_CONFIGS, ids=lambda path: str(path.relative_to(CONFIGS)))
 def test_shipped_configs_name_registered_rewards_and_prompt_sets(config_file):
     import tomllib
 
@@ -225,7 +225,9 @@ def test_shipped_configs_name_registered_rewards_and_prompt_sets(config_file):
     if config.reward.monitor is not None:
         make_reward(config.reward.monitor)
     assert config.env.num_envs % config.env.samples_per_prompt == 0
-    assert config.optimizer.lora_rank == 0 and config.algorithm.name in ("ddpo-is", "grpo")
+    # The recipes use the two policy-gradient algorithms; the comparison runs every registered one.
+    algorithms = ("ddpo-is", "ddpo-sf", "rwr", "grpo") if config_file.parent.name == "comparison" else ("ddpo-is", "grpo")
+    assert config.optimizer.lora_rank == 0 and config.algorithm.name in algorithms
 
 
 def test_a_compiled_network_trains_as_the_eager_one(tmp_path):
