@@ -2,11 +2,20 @@
 
     python benchmarks/shaped_pipelines.py --shape sd15 --out /tmp/sd15-shaped
 
-``sd15`` is Stable Diffusion 1.5's architecture (the UNet's 860 M parameters, its VAE, a CLIP
-text encoder of its width and depth with a character-level vocabulary, its PNDM scheduler),
-``tiny`` the test-sized one of ``tiny-sd``. The weights are random (seeded), so samples are noise,
-but time and memory per step are those of the real model. The folder is a pipeline folder:
-``--model FOLDER`` of ``env_throughput.py``, ``train_throughput.py`` and ``sync_check.py`` loads it.
+- ``sd15``: Stable Diffusion 1.5's architecture (the UNet's 860 M parameters, its VAE, a CLIP
+  text encoder of its width and depth with a character-level vocabulary, its PNDM scheduler);
+- ``sd35-medium``: Stable Diffusion 3.5 Medium's (the MMDiT transformer's 2.24 B parameters: 24
+  blocks of 24 heads, dual attention in the first 13, query-key RMS norm; its 16-channel VAE, CLIP-L
+  and CLIP-G text encoders of their widths and depths, its scheduler with shift 3), without the
+  T5-XXL encoder (4.7 B parameters, run once per prompt, not per step): the pipeline fills its 256
+  token states with zeros, so the transformer sees the sequence it sees with T5. The transformer's
+  default size is 64 latents a side, so the folder samples 512x512 images (Flow-GRPO's training
+  size) unless given ``height``/``width``;
+- ``tiny``: the test-sized one of ``tiny-sd``.
+
+The weights are random (seeded), so samples are noise, but time and memory per step are those of
+the real model. The folder is a pipeline folder: ``--model FOLDER`` of ``env_throughput.py``,
+``train_throughput.py`` and ``sync_check.py`` loads it.
 """
 
 from __future__ import annotations
@@ -17,8 +26,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from diffusers import (
+    AutoencoderKL,
+    DiffusionPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    PNDMScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from diffusion_env.backends.tiny_pipelines import character_tokenizer, tiny_stable_diffusion
 
@@ -57,7 +75,49 @@ def sd15_shaped(folder: Path, seed: int = 0) -> StableDiffusionPipeline:
     )
 
 
-SHAPES = {"sd15": sd15_shaped, "tiny": tiny_stable_diffusion}
+#: Stable Diffusion 3.5 Medium's transformer (its sample size halved: 512-pixel images by default),
+#: VAE and CLIP-L / CLIP-G text towers.
+SD35_MEDIUM_TRANSFORMER = {
+    "sample_size": 64, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 24,
+    "attention_head_dim": 64, "num_attention_heads": 24, "joint_attention_dim": 4096, "caption_projection_dim": 1536,
+    "pooled_projection_dim": 2048, "pos_embed_max_size": 384, "dual_attention_layers": tuple(range(13)), "qk_norm": "rms_norm",
+}
+SD35_MEDIUM_VAE = {
+    **SD15_VAE, "latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False,
+    "scaling_factor": 1.5305, "shift_factor": 0.0609,
+}
+CLIP_L_TEXT = {**SD15_TEXT, "projection_dim": 768}
+CLIP_G_TEXT = {"hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 20, "num_hidden_layers": 32, "projection_dim": 1280}
+
+
+def sd35_medium_shaped(folder: Path, seed: int = 0) -> StableDiffusion3Pipeline:
+    """Stable Diffusion 3.5 Medium's architecture without T5, random weights (seeded); its tokenizer is written to ``folder``."""
+    tokenizer = character_tokenizer(folder / "tokenizer")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoders = [
+            CLIPTextModelWithProjection(
+                CLIPTextConfig(vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                               pad_token_id=1, **shape)
+            )
+            for shape in (CLIP_L_TEXT, CLIP_G_TEXT)
+        ]
+        transformer = SD3Transformer2DModel(**SD35_MEDIUM_TRANSFORMER)
+        vae = AutoencoderKL(**SD35_MEDIUM_VAE)
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=text_encoders[0], tokenizer=tokenizer, text_encoder_2=text_encoders[1], tokenizer_2=tokenizer,
+        text_encoder_3=None, tokenizer_3=None,
+    )
+
+
+def denoiser_parameters(pipeline: DiffusionPipeline) -> int:
+    """The parameters of the pipeline's denoising network (its UNet or transformer)."""
+    network = pipeline.unet if hasattr(pipeline, "unet") else pipeline.transformer
+    return sum(p.numel() for p in network.parameters())
+
+
+SHAPES = {"sd15": sd15_shaped, "sd35-medium": sd35_medium_shaped, "tiny": tiny_stable_diffusion}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -70,8 +130,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     pipeline = SHAPES[args.shape](args.out, seed=args.seed)
     pipeline.save_pretrained(args.out)
-    parameters = sum(p.numel() for p in pipeline.unet.parameters())
-    print(f"{args.shape}-shaped pipeline (UNet {parameters / 1e6:.1f} M parameters, random weights) in {args.out}, "
+    parameters = denoiser_parameters(pipeline)
+    network = "UNet" if hasattr(pipeline, "unet") else "transformer"
+    print(f"{args.shape}-shaped pipeline ({network} {parameters / 1e6:.1f} M parameters, random weights) in {args.out}, "
           f"{time.perf_counter() - start:.0f} s")
 
 

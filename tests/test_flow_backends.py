@@ -70,6 +70,19 @@ def test_a_pipeline_folder_is_an_environment_observing_its_latent_and_text_embed
     assert env.observation_space.contains(obs)
 
 
+def test_an_sd3_folder_saved_without_t5_loads_with_zeros_for_its_token_states(tmp_path):
+    pipeline = tiny_sd3(tmp_path / "build")
+    pipeline.text_encoder_3 = pipeline.tokenizer_3 = None
+    pipeline.register_modules(text_encoder_3=None, tokenizer_3=None)
+    pipeline.save_pretrained(tmp_path / "pipeline")
+    env = make_env(tmp_path / "pipeline")
+    assert env.unwrapped.backend.pipeline.text_encoder_3 is None
+    obs, _ = env.reset(seed=0)
+    # The CLIP states first, then the T5 tokens the transformer still sees: zeros, as the pipeline fills them.
+    assert np.abs(obs["prompt_embedding"][:77]).sum() > 0 and not obs["prompt_embedding"][77:].any()
+    assert obs["prompt_embedding"].shape == (77 + TOKENS, T5_WIDTH)
+
+
 @pytest.mark.parametrize(
     ("family", "options", "call"),
     [

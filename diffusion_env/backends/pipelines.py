@@ -10,6 +10,7 @@ back-end module and one registration.
 from __future__ import annotations
 
 import inspect
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -84,8 +85,14 @@ def load_pipeline(source: str | os.PathLike[str]) -> DiffusionPipeline:
             "save_pretrained (model_index.json beside one folder per component)"
         )
     offline = folder or os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "true", "yes", "on")
+    # A folder saved without a component (SD3 without its T5 encoder: text_encoder_3=None) records
+    # it as [null, null]; diffusers loads such a folder only when told that the part is absent.
+    absent = {}
+    if folder:
+        index = json.loads((Path(source) / "model_index.json").read_text())
+        absent = {name: None for name, entry in index.items() if not name.startswith("_") and entry == [None, None]}
     try:
-        return DiffusionPipeline.from_pretrained(source, local_files_only=offline)
+        return DiffusionPipeline.from_pretrained(source, local_files_only=offline, **absent)
     except OSError as error:
         where = "in this folder" if folder else "in the local Hugging Face cache (HF_HUB_OFFLINE=1 forbids downloads)"
         raise FileNotFoundError(f"cannot load pipeline {source!r}: files missing {where}: {error}") from None
