@@ -20,12 +20,17 @@ that runs of different lengths are compared at the same number of reward queries
 - on the run's training prompt set and on held-out prompts never trained on (by default the
   training set's counterpart: ``scenes_heldout_three`` for ``scenes_train_three``; ``--heldout``);
 - the paired change of JPEG size, count agreement and alignment: the mean over samples of
-  fine-tuned minus pretrained (same prompt and noise) with its standard error.
+  fine-tuned minus pretrained (same prompt and noise) with its standard error;
+- the KL from the fine-tuned model to the pretrained one, in nats per trajectory: the exact KL of
+  the two models' Gaussian transitions summed over the steps of each fine-tuned sample's path,
+  averaged over the samples (by the chain rule of the KL, an estimate of the KL between the two
+  distributions of whole trajectories).
 
 With ``--out`` it also writes, per run, a grid of pretrained (top) and fine-tuned (bottom)
 samples for the same prompts and noise, the curves of training reward and of the monitored
 prompt agreement per reward query, and, with ``--compare``, one plot of the reward curves of
-all runs against reward queries (SF vs IS vs RWR, or SB3's PPO beside DDPO-IS). Runs whose
+all runs against reward queries (SF vs IS vs RWR, or SB3's PPO beside DDPO-IS), and the
+reward/KL frontier: each run's changes against its KL to the pretrained model. Runs whose
 settings differ only in their ``[run]`` table (seed, length, checkpointing) are seeds of one
 setting: the comparison draws their mean curve with a band from the lowest to the highest seed,
 and a second table gives each setting's final figures as the mean over seeds and their standard
@@ -45,6 +50,7 @@ import torch
 from safetensors.torch import load_file
 
 from agents.config import TrainConfig
+from agents.policy import GaussianDenoisingPolicy
 from agents.rollouts import Trajectories, collect_trajectories
 from agents.runs import has_checkpoint, load_run
 from agents.train import Run
@@ -97,9 +103,9 @@ def run_history(run_dir: Path, epoch: int | None = None) -> list[dict[str, float
 @torch.no_grad()
 def sample(
     config: TrainConfig, run_dir: Path | None, epoch: int | None, prompts: str, num_samples: int, seed: int
-) -> Trajectories:
+) -> tuple[Trajectories, GaussianDenoisingPolicy]:
     """``num_samples`` samples on ``prompts`` from the run's policy after ``epoch`` (default: the
-    last; the pretrained model if ``run_dir`` is None).
+    last; the pretrained model if ``run_dir`` is None), and that policy.
 
     Prompts and initial noise depend on ``seed`` only, so two calls with the same seed are paired.
     """
@@ -121,7 +127,28 @@ def sample(
         for index in range(num_samples // BATCH)
     ]
     run.env.close()
-    return Trajectories.concatenate(batches)
+    return Trajectories.concatenate(batches), run.policy
+
+
+@torch.no_grad()
+def path_kl(samples: Trajectories, policy: GaussianDenoisingPolicy, pretrained: GaussianDenoisingPolicy) -> np.ndarray:
+    """Each sample's KL from ``policy`` to ``pretrained`` summed over the steps of its own path, in nats.
+
+    Each term is the exact KL of the two models' Gaussian transitions from the sample's x_t
+    (``sampler.kl_divergence``); by the chain rule of the KL, their sum's mean over samples drawn
+    from ``policy`` estimates the KL between the two models' distributions of whole trajectories
+    (same prompt and x_T), the fidelity a reward is bought with.
+    """
+    batch, steps = samples.timesteps.shape
+    total = torch.zeros(batch, dtype=torch.float64)
+    for start in range(0, batch, BATCH):
+        index = torch.arange(start, min(start + BATCH, batch), device=samples.latents.device)
+        for k in range(steps):
+            step = torch.full_like(index, k)
+            observation = samples.observations(index, step)
+            kl = policy.sampler.kl_divergence(policy.mean(observation), pretrained.mean(observation), step)
+            total[start : start + len(index)] += kl.double().cpu()
+    return total.numpy()
 
 
 def per_sample_figures(samples: Trajectories) -> dict[str, np.ndarray]:
@@ -205,6 +232,8 @@ def smoothed(history: list[dict[str, float]], window: float, key: str = "charts/
 
 
 MONITORED_ALIGNMENT = "charts/monitor/scene_alignment"
+# The env settings that say how many samples are drawn and how, not from which model and sampler.
+SAMPLE_LAYOUT = ("prompts", "prompt_file", "num_envs", "samples_per_prompt", "batches_per_epoch", "shared_noise", "branch_step")
 # Figures whose paired change (fine-tuned minus pretrained, same prompts and noise) is tabulated.
 CHANGED = ("jpeg_kb", "scene_count", "scene_alignment")
 
@@ -273,6 +302,32 @@ def save_comparison(
     plt.close(figure)
 
 
+def save_frontier(results: dict[str, dict], path: Path) -> None:
+    """What each run's reward cost in fidelity: the paired change of JPEG size (left) and of prompt
+    alignment (right) on its training prompts against its KL to the pretrained model, one point
+    per run with standard errors."""
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for index, (label, result) in enumerate(results.items()):
+        prompts = result["config"]["env"]["prompts"]
+        kl = result[f"{prompts}/kl_to_pretrained"]
+        for axis, key in zip(axes, ("jpeg_kb", "scene_alignment")):
+            change = result[f"{prompts}/change"][key]
+            axis.errorbar(kl["mean"], change["mean"], xerr=kl["standard_error"], yerr=change["standard_error"],
+                          fmt="o", color=f"C{index % 10}", label=label, capsize=2)
+    for axis, name in zip(axes, ("change of JPEG size (kB)", "change of prompt alignment")):
+        axis.axhline(0.0, color="grey", linewidth=0.8)
+        axis.set_xlabel("KL to the pretrained model (nats per trajectory)")
+        axis.set_ylabel(name)
+        axis.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    figure.suptitle("training prompts, paired with the pretrained model's samples (same prompts and noise)", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
 def over_seeds(values: list[float], signed: bool = True) -> str:
     """``mean ± standard deviation`` over seeds (the deviation of one seed is not defined)."""
     array = np.asarray(values, dtype=np.float64)
@@ -316,12 +371,14 @@ def main() -> None:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
     results = {}
-    pretrained_samples: dict[tuple, Trajectories] = {}  # runs of one model share its pretrained samples
+    # Runs of one model and sampler share its pretrained samples and policy.
+    pretrained_samples: dict[str, tuple[Trajectories, GaussianDenoisingPolicy]] = {}
     print(
         "| run | algorithm | reward | epochs | reward queries | train minutes | prompts | model | jpeg_kb | background"
-        " | colour | shape | count | size | alignment | change of jpeg_kb | change of count | change of alignment |"
+        " | colour | shape | count | size | alignment | change of jpeg_kb | change of count | change of alignment"
+        " | KL to pretrained (nats) |"
     )
-    print("|---" * 18 + "|")
+    print("|---" * 19 + "|")
     runs = [parse_run(argument) for argument in args.runs]
     for run_dir, epoch in runs:
         label = run_label(run_dir, epoch)
@@ -337,21 +394,24 @@ def main() -> None:
         prompt_sets = [trained_on] + ([heldout] if heldout and heldout != trained_on else [])
         results[label] = {"config": config.to_tables(), "epochs": len(history), "train_minutes": minutes}
         for prompts in prompt_sets:
-            env = config.env
-            key = (env.model, env.num_inference_steps, env.eta, env.guidance_scale, prompts)
+            sampling = {name: value for name, value in config.to_tables()["env"].items() if name not in SAMPLE_LAYOUT}
+            key = json.dumps([sampling, prompts], sort_keys=True, default=str)
             if key not in pretrained_samples:
                 pretrained_samples[key] = sample(config, None, None, prompts, args.samples, args.seed)
-            pretrained = pretrained_samples[key]
-            fine_tuned = sample(config, run_dir, epoch, prompts, args.samples, args.seed)
+            pretrained, pretrained_policy = pretrained_samples[key]
+            fine_tuned, policy = sample(config, run_dir, epoch, prompts, args.samples, args.seed)
             per_sample = {"pretrained": per_sample_figures(pretrained), "fine-tuned": per_sample_figures(fine_tuned)}
             changes = {key: paired_change(per_sample["pretrained"][key], per_sample["fine-tuned"][key]) for key in CHANGED}
             results[label][f"{prompts}/change"] = {key: {"mean": mean, "standard_error": error} for key, (mean, error) in changes.items()}
+            kl = path_kl(fine_tuned, policy, pretrained_policy)
+            kl_cell = f"{kl.mean():.1f} ± {kl.std(ddof=1) / np.sqrt(kl.size):.1f}"
+            results[label][f"{prompts}/kl_to_pretrained"] = {"mean": float(kl.mean()), "standard_error": float(kl.std(ddof=1) / np.sqrt(kl.size))}
             for model, figures in per_sample.items():
                 means = means_of(figures)
                 results[label][f"{prompts}/{model}"] = means
                 change_cells = " | ".join(
                     f"{changes[key][0]:+.3f} ± {changes[key][1]:.3f}" if model == "fine-tuned" else "" for key in CHANGED
-                )
+                ) + (f" | {kl_cell}" if model == "fine-tuned" else " | ")
                 print(
                     f"| {label} | {algorithm} | {config.reward.name} | {len(history)} | "
                     f"{int(history[-1]['charts/reward_queries'])} | {minutes:.1f} | {prompts} | {model} | "
@@ -371,6 +431,7 @@ def main() -> None:
         if args.out:
             histories = {run_label(run_dir, epoch): run_history(run_dir, epoch) for run_dir, epoch in runs}
             save_comparison(histories, groups, args.out / "comparison.png", args.window)
+            save_frontier(results, args.out / "frontier.png")
     if args.out:
         (args.out / "results.json").write_text(json.dumps(results, indent=2))
 

@@ -9,7 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from torch.distributions import Normal, kl_divergence
 
+from agents import GaussianDenoisingPolicy, collect_trajectories
 from agents.config import TrainConfig
 from agents.train import train
 
@@ -57,7 +60,10 @@ def test_learning_benchmark_compares_a_run_with_the_pretrained_model(tmp_path, m
     changes = [results[label]["scenes_train/change"]["scene_alignment"]["mean"] for label in ("run", "seed1", "run@1")]
     row = next(line for line in over_seeds.splitlines() if "| ddpo-is, jpeg_compressibility | 3 | scenes_train |" in line)
     assert f"{np.mean(changes):+.3f} ± {np.std(changes, ddof=1):.3f}" in row
-    for name in ("run_curves.png", "run@1_scenes_heldout_samples.png", "sb3_curves.png", "comparison.png"):
+    # The KL to the pretrained model: positive for trained weights, with a standard error.
+    kl = results["run"]["scenes_train/kl_to_pretrained"]
+    assert kl["mean"] > 0 and kl["standard_error"] >= 0
+    for name in ("frontier.png", "run_curves.png", "run@1_scenes_heldout_samples.png", "sb3_curves.png", "comparison.png"):
         assert (tmp_path / "eval" / name).stat().st_size > 0
 
 
@@ -81,3 +87,26 @@ def test_paired_change_without_two_defined_pairs_is_nan_without_a_warning():
         one_pair = paired_change(np.array([nan, 1.0]), np.array([0.0, 0.5]))
     assert np.isnan(no_pair[0]) and np.isnan(no_pair[1])
     assert one_pair[0] == pytest.approx(-0.5) and np.isnan(one_pair[1])
+
+
+def test_path_kl_sums_the_exact_kl_of_the_transitions_along_each_path(make_vec_env):
+    path_kl = runpy.run_path(str(SCRIPT))["path_kl"]
+    envs = make_vec_env(num_envs=3, array_type="torch")
+    fine_tuned = GaussianDenoisingPolicy.from_env(envs, seed=0)
+    pretrained = GaussianDenoisingPolicy.from_env(make_vec_env(num_envs=3, array_type="torch"))
+    assert path_kl(collect_trajectories(envs, fine_tuned, seed=0), fine_tuned, pretrained) == pytest.approx(0.0)
+    with torch.no_grad():
+        for parameter in fine_tuned.network.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))
+    samples = collect_trajectories(envs, fine_tuned, seed=0)
+    # Independently: float64 torch.distributions per step, from the policies' own distributions.
+    expected = torch.zeros(3, dtype=torch.float64)
+    as64 = lambda d: Normal(d.loc.double(), d.scale.double())  # noqa: E731
+    with torch.no_grad():
+        for k in range(samples.num_steps):
+            observation = samples.observations(torch.arange(3), torch.full((3,), k))
+            p, q = (policy.distribution(observation).base_dist for policy in (fine_tuned, pretrained))
+            expected += kl_divergence(as64(p), as64(q)).flatten(1).sum(1)
+    kl = path_kl(samples, fine_tuned, pretrained)
+    assert (kl > 0).all()
+    np.testing.assert_allclose(kl, expected.numpy(), rtol=1e-4)
