@@ -5,7 +5,7 @@ Runs are made with the training command (each is its own job, resumable with ``-
     python -m agents.train --config agents/configs/compressibility.toml --output-dir runs/compressibility
 
 This script then compares each run's final policy with the pretrained model on the same prompts
-and the same initial noise (paired samples, DDIM eta 1, the run's number of steps), and prints a
+and the same initial noise (paired samples, with the run's sampler and number of steps), and prints a
 markdown table:
 
     python benchmarks/learning.py runs/compressibility runs/incompressibility --out docs/learning
