@@ -302,20 +302,22 @@ def save_comparison(
     plt.close(figure)
 
 
-def save_frontier(results: dict[str, dict], path: Path) -> None:
+def save_frontier(results: dict[str, dict], groups: dict[str, list[str]], path: Path) -> None:
     """What each run's reward cost in fidelity: the paired change of JPEG size (left) and of prompt
     alignment (right) on its training prompts against its KL to the pretrained model, one point
-    per run with standard errors."""
+    per run with standard errors, coloured by its group of seeds (as in the comparison plot)."""
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    for index, (label, result) in enumerate(results.items()):
-        prompts = result["config"]["env"]["prompts"]
-        kl = result[f"{prompts}/kl_to_pretrained"]
-        for axis, key in zip(axes, ("jpeg_kb", "scene_alignment")):
-            change = result[f"{prompts}/change"][key]
-            axis.errorbar(kl["mean"], change["mean"], xerr=kl["standard_error"], yerr=change["standard_error"],
-                          fmt="o", color=f"C{index % 10}", label=label, capsize=2)
+    for index, (group, labels) in enumerate(groups.items()):
+        for label in (label for label in labels if label in results):
+            result = results[label]
+            prompts = result["config"]["env"]["prompts"]
+            kl = result[f"{prompts}/kl_to_pretrained"]
+            for axis, key in zip(axes, ("jpeg_kb", "scene_alignment")):
+                change = result[f"{prompts}/change"][key]
+                axis.errorbar(kl["mean"], change["mean"], xerr=kl["standard_error"], yerr=change["standard_error"],
+                              fmt="o", color=f"C{index % 10}", label=group if label == labels[0] else None, capsize=2)
     for axis, name in zip(axes, ("change of JPEG size (kB)", "change of prompt alignment")):
         axis.axhline(0.0, color="grey", linewidth=0.8)
         axis.set_xlabel("KL to the pretrained model (nats per trajectory)")
@@ -431,7 +433,7 @@ def main() -> None:
         if args.out:
             histories = {run_label(run_dir, epoch): run_history(run_dir, epoch) for run_dir, epoch in runs}
             save_comparison(histories, groups, args.out / "comparison.png", args.window)
-            save_frontier(results, args.out / "frontier.png")
+            save_frontier(results, groups, args.out / "frontier.png")
     if args.out:
         (args.out / "results.json").write_text(json.dumps(results, indent=2))
 
