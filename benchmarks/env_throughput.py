@@ -16,11 +16,11 @@ the sampler of the back-end's scheduler (DDIM with eta = 1 for the registered mo
   environment draws them), and the VAE decoding of its final latents.
 
 The environment encodes new prompts every episode, so where the text encoders are as large as the
-denoising network (the test-sized SD3 and FLUX pipelines: T5 on 512 tokens beside a transformer
+denoising network (the test-sized SD3 and FLUX pipelines: T5 on 256 or 512 tokens beside a transformer
 of 0.1 M parameters) its ratio to the bare loop measures that encoding, and the ratio to the
 pipeline path is the cost of the environment's own machinery.
 
-Timed episodes of the two paths alternate, so that drift of the machine hits both alike; the
+Timed episodes of the three paths alternate, so that drift of the machine hits all alike; the
 median episode time gives transitions per second (batch x steps / time). Then the environment
 runs many short episodes and its resident memory is sampled, to show it stays flat.
 

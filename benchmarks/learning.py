@@ -406,8 +406,9 @@ def main() -> None:
             changes = {key: paired_change(per_sample["pretrained"][key], per_sample["fine-tuned"][key]) for key in CHANGED}
             results[label][f"{prompts}/change"] = {key: {"mean": mean, "standard_error": error} for key, (mean, error) in changes.items()}
             kl = path_kl(fine_tuned, policy, pretrained_policy)
-            kl_cell = f"{kl.mean():.1f} ± {kl.std(ddof=1) / np.sqrt(kl.size):.1f}"
-            results[label][f"{prompts}/kl_to_pretrained"] = {"mean": float(kl.mean()), "standard_error": float(kl.std(ddof=1) / np.sqrt(kl.size))}
+            kl_figures = {"mean": float(kl.mean()), "standard_error": float(kl.std(ddof=1) / np.sqrt(kl.size))}
+            results[label][f"{prompts}/kl_to_pretrained"] = kl_figures
+            kl_cell = f"{kl_figures['mean']:.1f} ± {kl_figures['standard_error']:.1f}"
             for model, figures in per_sample.items():
                 means = means_of(figures)
                 results[label][f"{prompts}/{model}"] = means
