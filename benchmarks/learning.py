@@ -245,17 +245,23 @@ def algorithm_name(run_dir: Path, config: TrainConfig) -> str:
 def seed_groups(configs: dict[str, tuple[str, TrainConfig]]) -> dict[str, list[str]]:
     """The runs (label: algorithm and config) grouped by their algorithm and settings other than
     the ``[run]`` table, so that the seeds of one setting form one group; each group is named after
-    its algorithm and reward (and its first run, where two groups would share that name), in the
-    order of the runs given."""
+    its algorithm and reward, and where two groups share those, after the settings in which it
+    differs from the others of that name (e.g. ``kl_coefficient=0.0``); in the order of the runs given."""
     settings: dict[str, list[str]] = {}
+    flat: dict[str, dict[str, str]] = {}
     for label, (algorithm, config) in configs.items():
         tables = {name: table for name, table in config.to_tables().items() if name != "run"}
-        settings.setdefault(json.dumps([algorithm, tables], sort_keys=True, default=str), []).append(label)
-    names = [f"{configs[labels[0]][0]}, {configs[labels[0]][1].reward.name}" for labels in settings.values()]
-    return {
-        name if names.count(name) == 1 else f"{name} ({labels[0]})": labels
-        for name, labels in zip(names, settings.values())
-    }
+        key = json.dumps([algorithm, tables], sort_keys=True, default=str)
+        settings.setdefault(key, []).append(label)
+        flat[key] = {f"{table}.{name}": json.dumps(value, default=str) for table, entries in tables.items() for name, value in entries.items()}
+    names = {key: f"{configs[labels[0]][0]}, {configs[labels[0]][1].reward.name}" for key, labels in settings.items()}
+    groups = {}
+    for key, labels in settings.items():
+        namesakes = [other for other in settings if names[other] == names[key]]
+        differing = sorted(name for name in flat[key] if len({flat[other].get(name) for other in namesakes}) > 1)
+        suffix = ", ".join(f"{name.partition('.')[2]}={json.loads(flat[key][name])}" for name in differing)
+        groups[f"{names[key]}, {suffix}" if suffix else names[key]] = labels
+    return groups
 
 
 def save_comparison(

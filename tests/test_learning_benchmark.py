@@ -110,3 +110,19 @@ def test_path_kl_sums_the_exact_kl_of_the_transitions_along_each_path(make_vec_e
     kl = path_kl(samples, fine_tuned, pretrained)
     assert (kl > 0).all()
     np.testing.assert_allclose(kl, expected.numpy(), rtol=1e-4)
+
+
+def test_seed_groups_gather_seeds_and_name_settings_of_one_algorithm_by_what_differs():
+    seed_groups = runpy.run_path(str(SCRIPT))["seed_groups"]
+    base = TrainConfig.from_tables({"algorithm": {"name": "ddpo-is", "kl_coefficient": 3e-5}})
+    runs = {
+        "is-s0": ("ddpo-is", base),
+        "is-s1": ("ddpo-is", base.with_changes({"run": {"seed": 1, "epochs": 3}})),
+        "kl-0": ("ddpo-is", base.with_changes({"algorithm": {"kl_coefficient": 0.0}})),
+        "sf": ("ddpo-sf", TrainConfig.from_tables({"algorithm": {"name": "ddpo-sf"}})),
+    }
+    assert seed_groups(runs) == {
+        "ddpo-is, jpeg_compressibility, kl_coefficient=3e-05": ["is-s0", "is-s1"],
+        "ddpo-is, jpeg_compressibility, kl_coefficient=0.0": ["kl-0"],
+        "ddpo-sf, jpeg_compressibility": ["sf"],
+    }
