@@ -388,14 +388,17 @@ def main() -> None:
     )
     print("|---" * 19 + "|")
     runs = [parse_run(argument) for argument in args.runs]
+    histories: dict[str, list[dict[str, float]]] = {}
+    configs: dict[str, tuple[str, TrainConfig]] = {}  # of the runs evaluated: algorithm and config
     for run_dir, epoch in runs:
         label = run_label(run_dir, epoch)
-        history = run_history(run_dir, epoch)
+        history = histories[label] = run_history(run_dir, epoch)
         if not has_checkpoint(run_dir) and not is_sb3_run(run_dir):
             print(f"| {label} | (no checkpoint: curve only) |", flush=True)
             continue
         config = run_config(run_dir)
         algorithm = algorithm_name(run_dir, config)
+        configs[label] = (algorithm, config)
         minutes = sum(h.get("charts/epoch_seconds", float("nan")) for h in history) / 60
         trained_on = config.env.prompts
         heldout = heldout_counterpart(trained_on) if args.heldout == "auto" else args.heldout
@@ -434,11 +437,10 @@ def main() -> None:
         if args.out:
             save_curves(history, f"{label}: {algorithm} on {config.reward.name}", args.out / f"{label}_curves.png")
     if args.compare:
-        configs = {run_label(run_dir, epoch): (run_dir, run_config(run_dir)) for run_dir, epoch in runs}
-        groups = seed_groups({label: (algorithm_name(run_dir, config), config) for label, (run_dir, config) in configs.items()})
+        # A run without a config (its curve only) is a group of its own.
+        groups = seed_groups(configs) | {label: [label] for label in histories if label not in configs}
         print_over_seeds(results, groups)
         if args.out:
-            histories = {run_label(run_dir, epoch): run_history(run_dir, epoch) for run_dir, epoch in runs}
             save_comparison(histories, groups, args.out / "comparison.png", args.window)
             save_frontier(results, groups, args.out / "frontier.png")
     if args.out:

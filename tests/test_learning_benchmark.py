@@ -35,12 +35,16 @@ def test_learning_benchmark_compares_a_run_with_the_pretrained_model(tmp_path, m
                                       "--device", "cpu", "--output-dir", str(tmp_path / "sb3")])
     runpy.run_path(str(EXAMPLES / "sb3_ppo.py"), run_name="__main__")
     capsys.readouterr()
+    # A folder holding only a history: plotted in the comparison, not evaluated.
+    (tmp_path / "curve").mkdir()
+    (tmp_path / "curve" / "history.json").write_text((tmp_path / "sb3" / "history.json").read_text())
     monkeypatch.setattr(sys, "argv", ["learning.py", str(tmp_path / "run"), str(tmp_path / "seed1"), f"{tmp_path / 'run'}:1",
-                                      str(tmp_path / "sb3"), "--samples", "16", "--compare", "--out", str(tmp_path / "eval")])
+                                      str(tmp_path / "sb3"), str(tmp_path / "curve"), "--samples", "16", "--compare",
+                                      "--out", str(tmp_path / "eval")])
     runpy.run_path(str(SCRIPT), run_name="__main__")
     table = capsys.readouterr().out
     assert table.count("| pretrained |") == 8 and table.count("| fine-tuned |") == 8
-    assert table.count("| sb3 | sb3-ppo |") == 4
+    assert table.count("| sb3 | sb3-ppo |") == 4 and "| curve | (no checkpoint: curve only) |" in table
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     # Same prompts and noise: the pretrained figures do not depend on the run evaluated.
     assert results["run"]["scenes_train/pretrained"] == results["run@1"]["scenes_train/pretrained"]
