@@ -36,9 +36,9 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-from diffusion_env.backends.tiny_pipelines import character_tokenizer, tiny_stable_diffusion
+from diffusion_env.backends.tiny_pipelines import character_tokenizer, text_config, tiny_stable_diffusion
 
 #: Stable Diffusion 1.5's UNet beyond diffusers' defaults (which are the 1.x layout), its VAE and
 #: its text encoder (CLIP ViT-L/14's text tower).
@@ -63,10 +63,7 @@ def sd15_shaped(folder: Path, seed: int = 0) -> StableDiffusionPipeline:
     tokenizer = character_tokenizer(folder / "tokenizer")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
-                           pad_token_id=1, **SD15_TEXT)
-        )
+        text_encoder = CLIPTextModel(text_config(tokenizer, **SD15_TEXT))
         unet = UNet2DConditionModel(**SD15_UNET)
         vae = AutoencoderKL(**SD15_VAE)
     return StableDiffusionPipeline(
@@ -95,13 +92,7 @@ def sd35_medium_shaped(folder: Path, seed: int = 0) -> StableDiffusion3Pipeline:
     tokenizer = character_tokenizer(folder / "tokenizer")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        text_encoders = [
-            CLIPTextModelWithProjection(
-                CLIPTextConfig(vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
-                               pad_token_id=1, **shape)
-            )
-            for shape in (CLIP_L_TEXT, CLIP_G_TEXT)
-        ]
+        text_encoders = [CLIPTextModelWithProjection(text_config(tokenizer, **shape)) for shape in (CLIP_L_TEXT, CLIP_G_TEXT)]
         transformer = SD3Transformer2DModel(**SD35_MEDIUM_TRANSFORMER)
         vae = AutoencoderKL(**SD35_MEDIUM_VAE)
     return StableDiffusion3Pipeline(
@@ -111,10 +102,9 @@ def sd35_medium_shaped(folder: Path, seed: int = 0) -> StableDiffusion3Pipeline:
     )
 
 
-def denoiser_parameters(pipeline: DiffusionPipeline) -> int:
-    """The parameters of the pipeline's denoising network (its UNet or transformer)."""
-    network = pipeline.unet if hasattr(pipeline, "unet") else pipeline.transformer
-    return sum(p.numel() for p in network.parameters())
+def denoiser(pipeline: DiffusionPipeline) -> tuple[str, torch.nn.Module]:
+    """The pipeline's denoising network and what it is (``"UNet"`` or ``"transformer"``)."""
+    return ("UNet", pipeline.unet) if hasattr(pipeline, "unet") else ("transformer", pipeline.transformer)
 
 
 SHAPES = {"sd15": sd15_shaped, "sd35-medium": sd35_medium_shaped, "tiny": tiny_stable_diffusion}
@@ -130,8 +120,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     pipeline = SHAPES[args.shape](args.out, seed=args.seed)
     pipeline.save_pretrained(args.out)
-    parameters = denoiser_parameters(pipeline)
-    network = "UNet" if hasattr(pipeline, "unet") else "transformer"
+    network, module = denoiser(pipeline)
+    parameters = sum(p.numel() for p in module.parameters())
     print(f"{args.shape}-shaped pipeline ({network} {parameters / 1e6:.1f} M parameters, random weights) in {args.out}, "
           f"{time.perf_counter() - start:.0f} s")
 

@@ -42,12 +42,13 @@ def character_tokenizer(folder: Path) -> CLIPTokenizer:
 
 
 def text_config(tokenizer: CLIPTokenizer, **changes: Any) -> CLIPTextConfig:
-    """A two-layer CLIP text encoder's configuration of width 32 over ``tokenizer``'s vocabulary."""
-    return CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=37, num_attention_heads=4,
-        num_hidden_layers=2, max_position_embeddings=MAX_LENGTH, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-        **changes,
-    )
+    """A CLIP text encoder's configuration over ``tokenizer``'s vocabulary: two layers of width 32,
+    unless ``changes`` say otherwise (they replace any entry, e.g. a real encoder's width and depth)."""
+    shape = {"hidden_size": HIDDEN, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2}
+    return CLIPTextConfig(**{
+        "vocab_size": len(tokenizer), "max_position_embeddings": MAX_LENGTH, "bos_token_id": 0, "eos_token_id": 1,
+        "pad_token_id": 1, **shape, **changes,
+    })
 
 
 def tiny_vae(**changes: Any) -> AutoencoderKL:
