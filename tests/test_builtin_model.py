@@ -19,6 +19,7 @@ def seeded_episode(envs):
             obs, rewards, terminated, _, info = envs.step(policy.sample(obs, generator=generator))
     return rewards, scenes.attribute_agreement(scenes.parse_scenes(info["image"].numpy()), envs.unwrapped.core.metadata)
 
+
 def test_gym_make_defaults_to_the_builtin_model_and_its_samples_follow_the_prompts():
     envs = gym.make_vec("DiffusionDenoise-v0", num_envs=16, array_type="torch")
     core = envs.unwrapped.core
