@@ -48,6 +48,7 @@ from diffusion_env.backends import DenoiserBackend, available_models, make_denoi
 from diffusion_env.backends.base import backend_sampler_options
 from diffusion_env.envs import DEFAULT_MODEL
 from diffusion_env.prompts import PromptSet
+from shaped_pipelines import model_argument
 
 
 def resident_memory_mb() -> float:
@@ -192,7 +193,7 @@ def memory_over_episodes(backend: DenoiserBackend, episodes: int, batch: int, st
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"a registered model ({available_models()}), a hub id or a pipeline folder")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"a registered model ({available_models()}), a hub id, a pipeline folder or shaped:NAME (shaped_pipelines.py)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--steps", type=int, default=20, help="denoising steps per episode")
     parser.add_argument("--episodes", type=int, default=5, help="timed episodes per path and batch size")
@@ -205,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"--memory-episodes {args.memory_episodes}; allowed: 10 or more (growth is measured from episode 10)")
 
     try:
-        backend = make_denoiser(args.model, device=args.device)
+        backend = make_denoiser(model_argument(args.model, args.device), device=args.device)
     except (ValueError, TypeError, FileNotFoundError) as error:
         parser.error(str(error))
     parameters = sum(p.numel() for p in backend.trainable_module().parameters())

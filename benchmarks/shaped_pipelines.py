@@ -15,12 +15,16 @@
 
 The weights are random (seeded), so samples are noise, but time and memory per step are those of
 the real model. The folder is a pipeline folder: ``--model FOLDER`` of ``env_throughput.py``,
-``train_throughput.py`` and ``sync_check.py`` loads it.
+``train_throughput.py`` and ``sync_check.py`` loads it. Those scripts also take ``--model
+shaped:NAME`` (e.g. ``shaped:sd35-medium``), which builds the pipeline in memory, its networks
+directly on the benchmark's device: no folder is written or read (the SD3.5-Medium-shaped one
+holds 13 GB in float32, minutes of disk on each side).
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -58,10 +62,11 @@ SD15_SCHEDULER = {
 }
 
 
-def sd15_shaped(folder: Path, seed: int = 0) -> StableDiffusionPipeline:
-    """Stable Diffusion 1.5's architecture with random weights (seeded); its tokenizer is written to ``folder``."""
+def sd15_shaped(folder: Path, seed: int = 0, device: torch.device | str = "cpu") -> StableDiffusionPipeline:
+    """Stable Diffusion 1.5's architecture with random weights (seeded), its networks built on
+    ``device``; its tokenizer is written to ``folder``."""
     tokenizer = character_tokenizer(folder / "tokenizer")
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
         text_encoder = CLIPTextModel(text_config(tokenizer, **SD15_TEXT))
         unet = UNet2DConditionModel(**SD15_UNET)
@@ -87,10 +92,11 @@ CLIP_L_TEXT = {**SD15_TEXT, "projection_dim": 768}
 CLIP_G_TEXT = {"hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 20, "num_hidden_layers": 32, "projection_dim": 1280}
 
 
-def sd35_medium_shaped(folder: Path, seed: int = 0) -> StableDiffusion3Pipeline:
-    """Stable Diffusion 3.5 Medium's architecture without T5, random weights (seeded); its tokenizer is written to ``folder``."""
+def sd35_medium_shaped(folder: Path, seed: int = 0, device: torch.device | str = "cpu") -> StableDiffusion3Pipeline:
+    """Stable Diffusion 3.5 Medium's architecture without T5, random weights (seeded), its networks
+    built on ``device``; its tokenizer is written to ``folder``."""
     tokenizer = character_tokenizer(folder / "tokenizer")
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
         text_encoders = [CLIPTextModelWithProjection(text_config(tokenizer, **shape)) for shape in (CLIP_L_TEXT, CLIP_G_TEXT)]
         transformer = SD3Transformer2DModel(**SD35_MEDIUM_TRANSFORMER)
@@ -107,7 +113,29 @@ def denoiser(pipeline: DiffusionPipeline) -> tuple[str, torch.nn.Module]:
     return ("UNet", pipeline.unet) if hasattr(pipeline, "unet") else ("transformer", pipeline.transformer)
 
 
-SHAPES = {"sd15": sd15_shaped, "sd35-medium": sd35_medium_shaped, "tiny": tiny_stable_diffusion}
+def tiny_shaped(folder: Path, seed: int = 0, device: torch.device | str = "cpu") -> StableDiffusionPipeline:
+    """The test-sized pipeline of ``tiny-sd``, built on the CPU (``make_denoiser`` moves it)."""
+    return tiny_stable_diffusion(folder, seed=seed)
+
+
+SHAPES = {"sd15": sd15_shaped, "sd35-medium": sd35_medium_shaped, "tiny": tiny_shaped}
+SHAPED = "shaped:"
+
+
+def model_argument(model: str, device: torch.device | str) -> str | DiffusionPipeline:
+    """A benchmark's ``--model`` as ``make_denoiser`` takes it: ``shaped:NAME`` becomes that shape's
+    pipeline, built in memory on ``device``; any other name is returned as it is.
+
+    Raises:
+        ValueError: for ``shaped:`` with a shape that is not one of :data:`SHAPES`.
+    """
+    if not model.startswith(SHAPED):
+        return model
+    shape = model.removeprefix(SHAPED)
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r} in --model {model!r}; allowed: " + ", ".join(SHAPED + name for name in sorted(SHAPES)))
+    with tempfile.TemporaryDirectory() as folder:  # the tokenizer is read from its files once, when built
+        return SHAPES[shape](Path(folder), seed=0, device=device)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -23,6 +23,7 @@ import torch
 import diffusion_env  # noqa: F401  (registers DiffusionDenoise-v0)
 from agents import GaussianDenoisingPolicy
 from diffusion_env.backends import available_models, make_denoiser
+from shaped_pipelines import model_argument
 
 PROJECT = str(Path(__file__).resolve().parents[1])
 
@@ -36,7 +37,7 @@ def project_frames(error: BaseException) -> list[str]:
 @torch.no_grad()
 def check(model: str, device: str, batch_size: int, steps: int) -> tuple[int, BaseException | None]:
     """Steps one episode; returns how many steps ran in the error mode, and the first error (or None)."""
-    backend = make_denoiser(model, device=device)
+    backend = make_denoiser(model_argument(model, device), device=device)
     env = gym.make_vec("DiffusionDenoise-v0", num_envs=batch_size, model=backend, num_inference_steps=steps, array_type="torch")
     policy = GaussianDenoisingPolicy.from_env(env, seed=0)
     obs, _ = env.reset(seed=0)
@@ -62,7 +63,7 @@ def check(model: str, device: str, batch_size: int, steps: int) -> tuple[int, Ba
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="tiny-sd", help=f"a registered model ({available_models()}), a hub id or a pipeline folder")
+    parser.add_argument("--model", default="tiny-sd", help=f"a registered model ({available_models()}), a hub id, a pipeline folder or shaped:NAME (shaped_pipelines.py)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=10, help="denoising steps (at least 3: the first and last are not checked)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -48,6 +48,7 @@ from agents.advantages import batch_normalized_advantages
 from agents.losses import clipped_surrogate_loss
 from diffusion_env.samplers.base import per_dimension
 from diffusion_env.backends import available_models, make_denoiser
+from shaped_pipelines import SHAPED, model_argument
 
 
 def timestep_loop_update(
@@ -112,6 +113,9 @@ def data_parallel_main(args: argparse.Namespace, parser: argparse.ArgumentParser
             f"--processes {args.processes} --num-envs {args.num_envs} --epochs {args.epochs}; allowed: 2 or more "
             "processes that divide --num-envs, and 2 or more epochs (the first is a warm-up)"
         )
+    if args.model.startswith(SHAPED):
+        parser.error(f"--processes with --model {args.model}: each training process reads the model by name; "
+                     "allowed: a registered model, a hub id or a pipeline folder (shaped_pipelines.py --out writes one)")
     card = torch.cuda.get_device_name(0) if args.device == "cuda" else f"{os.cpu_count()} CPU cores"
     print(f"device {args.device} ({card}), torch {torch.__version__}; {args.model}, DDPO-IS, "
           f"{args.num_envs} samples x {args.steps} steps per epoch, median of epochs 2-{args.epochs}")
@@ -128,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--num-envs", type=int, default=32, help="samples per batch")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps per sample")
     parser.add_argument("--minibatch", type=int, default=64, help="our (sample, timestep) pairs per network call")
-    parser.add_argument("--model", default="tiny-random", help=f"a registered model ({available_models()}), a hub id or a pipeline folder")
+    parser.add_argument("--model", default="tiny-random", help=f"a registered model ({available_models()}), a hub id, a pipeline folder or shaped:NAME (shaped_pipelines.py)")
     parser.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (0: the whole network)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -141,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     device = torch.device(args.device)
 
     try:
-        backend = make_denoiser(args.model, device)
+        backend = make_denoiser(model_argument(args.model, device), device)
     except (ValueError, TypeError, FileNotFoundError) as error:
         parser.error(str(error))
     env = gym.make_vec("DiffusionDenoise-v0", num_envs=args.num_envs, model=backend,

@@ -5,6 +5,7 @@ Only that the figures are printed is checked: the timings of a busy test machine
 
 import re
 import runpy
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,12 @@ NUMBER = r"[\d,]+\.\d+"
 
 
 def run_main(script, argv):
-    runpy.run_path(str(BENCHMARKS / script))["main"](argv)
+    """Runs a script's main as ``python benchmarks/SCRIPT`` does: with its folder first on sys.path."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        runpy.run_path(str(BENCHMARKS / script))["main"](argv)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
 
 
 def test_env_throughput_prints_the_rates_of_the_three_paths_and_the_memory_over_episodes(capsys):
@@ -87,3 +93,17 @@ def test_a_shaped_pipeline_folder_feeds_the_sync_check(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_main("sync_check.py", ["--steps", "2"])
     assert "allowed: 3 or more" in capsys.readouterr().err
+
+
+def test_the_benchmarks_build_a_shaped_pipeline_in_memory(capsys):
+    run_main("env_throughput.py", ["--model", "shaped:tiny", "--batch-sizes", "2", "--steps", "2", "--episodes", "1",
+                                   "--memory-episodes", "10", "--device", "cpu"])
+    assert "model shaped:tiny: network 0.07 M parameters, latents 8x8, 2 steps of DDIMScheduler" in capsys.readouterr().out
+    run_main("sync_check.py", ["--model", "shaped:tiny", "--steps", "3", "--device", "cpu"])
+    assert "device cpu: no CUDA, nothing to check (1 step(s) ran)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        run_main("env_throughput.py", ["--model", "shaped:sd2"])
+    assert "unknown shape 'sd2' in --model 'shaped:sd2'; allowed: shaped:sd15, shaped:sd35-medium, shaped:tiny" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run_main("train_throughput.py", ["--model", "shaped:tiny", "--processes", "2", "--num-envs", "4"])
+    assert "each training process reads the model by name" in capsys.readouterr().err
