@@ -44,11 +44,11 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 import diffusion_env  # noqa: F401  (registers DiffusionDenoise-v0)
 from agents import GaussianDenoisingPolicy
-from diffusion_env.backends import DenoiserBackend, available_models, make_denoiser
+from diffusion_env.backends import DenoiserBackend, available_models
 from diffusion_env.backends.base import backend_sampler_options
 from diffusion_env.envs import DEFAULT_MODEL
 from diffusion_env.prompts import PromptSet
-from shaped_pipelines import model_argument
+from shaped_pipelines import benchmark_denoiser
 
 
 def resident_memory_mb() -> float:
@@ -206,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"--memory-episodes {args.memory_episodes}; allowed: 10 or more (growth is measured from episode 10)")
 
     try:
-        backend = make_denoiser(model_argument(args.model, args.device), device=args.device)
+        backend = benchmark_denoiser(args.model, args.device)
     except (ValueError, TypeError, FileNotFoundError) as error:
         parser.error(str(error))
     parameters = sum(p.numel() for p in backend.trainable_module().parameters())

@@ -42,6 +42,7 @@ from diffusers import (
 )
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
+from diffusion_env.backends import DenoiserBackend, make_denoiser
 from diffusion_env.backends.tiny_pipelines import character_tokenizer, text_config, tiny_stable_diffusion
 
 #: Stable Diffusion 1.5's UNet beyond diffusers' defaults (which are the 1.x layout), its VAE and
@@ -122,20 +123,21 @@ SHAPES = {"sd15": sd15_shaped, "sd35-medium": sd35_medium_shaped, "tiny": tiny_s
 SHAPED = "shaped:"
 
 
-def model_argument(model: str, device: torch.device | str) -> str | DiffusionPipeline:
-    """A benchmark's ``--model`` as ``make_denoiser`` takes it: ``shaped:NAME`` becomes that shape's
-    pipeline, built in memory on ``device``; any other name is returned as it is.
+def benchmark_denoiser(model: str, device: torch.device | str) -> DenoiserBackend:
+    """The back-end of a benchmark's ``--model`` on ``device``: ``shaped:NAME`` builds that shape's
+    pipeline in memory, its networks on ``device``; any other name goes to ``make_denoiser`` as it is.
 
     Raises:
-        ValueError: for ``shaped:`` with a shape that is not one of :data:`SHAPES`.
+        ValueError: for ``shaped:`` with a shape that is not one of :data:`SHAPES`, and what
+            ``make_denoiser`` raises for the model.
     """
     if not model.startswith(SHAPED):
-        return model
+        return make_denoiser(model, device=device)
     shape = model.removeprefix(SHAPED)
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r} in --model {model!r}; allowed: " + ", ".join(SHAPED + name for name in sorted(SHAPES)))
     with tempfile.TemporaryDirectory() as folder:  # the tokenizer is read from its files once, when built
-        return SHAPES[shape](Path(folder), seed=0, device=device)
+        return make_denoiser(SHAPES[shape](Path(folder), seed=0, device=device), device=device)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -22,8 +22,8 @@ import torch
 
 import diffusion_env  # noqa: F401  (registers DiffusionDenoise-v0)
 from agents import GaussianDenoisingPolicy
-from diffusion_env.backends import available_models, make_denoiser
-from shaped_pipelines import model_argument
+from diffusion_env.backends import DenoiserBackend, available_models
+from shaped_pipelines import benchmark_denoiser
 
 PROJECT = str(Path(__file__).resolve().parents[1])
 
@@ -35,16 +35,15 @@ def project_frames(error: BaseException) -> list[str]:
 
 
 @torch.no_grad()
-def check(model: str, device: str, batch_size: int, steps: int) -> tuple[int, BaseException | None]:
+def check(backend: DenoiserBackend, batch_size: int, steps: int) -> tuple[int, BaseException | None]:
     """Steps one episode; returns how many steps ran in the error mode, and the first error (or None)."""
-    backend = make_denoiser(model_argument(model, device), device=device)
     env = gym.make_vec("DiffusionDenoise-v0", num_envs=batch_size, model=backend, num_inference_steps=steps, array_type="torch")
     policy = GaussianDenoisingPolicy.from_env(env, seed=0)
     obs, _ = env.reset(seed=0)
     # A first step outside the mode: caches (the negative prompt's encoding) fill on first use.
     obs, *_ = env.step(policy.sample(obs))
     checked = 0
-    cuda = torch.device(device).type == "cuda"
+    cuda = backend.device.type == "cuda"
     for _ in range(steps - 2):
         if cuda:
             torch.cuda.set_sync_debug_mode("error")
@@ -70,7 +69,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.steps < 3:
         parser.error(f"--steps {args.steps}; allowed: 3 or more (the first and the last step are not checked)")
-    checked, error = check(args.model, args.device, args.batch_size, args.steps)
+    try:
+        backend = benchmark_denoiser(args.model, args.device)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        parser.error(str(error))
+    checked, error = check(backend, args.batch_size, args.steps)
     if torch.device(args.device).type != "cuda":
         print(f"device {args.device}: no CUDA, nothing to check ({checked} step(s) ran)")
     elif error is None:

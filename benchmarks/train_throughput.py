@@ -47,8 +47,8 @@ from agents import (
 from agents.advantages import batch_normalized_advantages
 from agents.losses import clipped_surrogate_loss
 from diffusion_env.samplers.base import per_dimension
-from diffusion_env.backends import available_models, make_denoiser
-from shaped_pipelines import SHAPED, model_argument
+from diffusion_env.backends import available_models
+from shaped_pipelines import SHAPED, benchmark_denoiser
 
 
 def timestep_loop_update(
@@ -145,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     device = torch.device(args.device)
 
     try:
-        backend = make_denoiser(model_argument(args.model, device), device)
+        backend = benchmark_denoiser(args.model, device)
     except (ValueError, TypeError, FileNotFoundError) as error:
         parser.error(str(error))
     env = gym.make_vec("DiffusionDenoise-v0", num_envs=args.num_envs, model=backend,

@@ -105,5 +105,8 @@ def test_the_benchmarks_build_a_shaped_pipeline_in_memory(capsys):
         run_main("env_throughput.py", ["--model", "shaped:sd2"])
     assert "unknown shape 'sd2' in --model 'shaped:sd2'; allowed: shaped:sd15, shaped:sd35-medium, shaped:tiny" in capsys.readouterr().err
     with pytest.raises(SystemExit):
+        run_main("sync_check.py", ["--model", "shaped:sd2"])
+    assert "unknown shape 'sd2'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
         run_main("train_throughput.py", ["--model", "shaped:tiny", "--processes", "2", "--num-envs", "4"])
     assert "each training process reads the model by name" in capsys.readouterr().err
